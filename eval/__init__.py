@@ -1,0 +1,1 @@
+"""ldot eval package."""

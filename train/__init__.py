@@ -1,0 +1,1 @@
+"""ldot train package."""
