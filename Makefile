@@ -1,0 +1,42 @@
+# ldot: two commands do all set-up on a fresh machine.
+#   make demo   synthetic data -> 2-rank DeepSpeed training -> FAISS recall table in MLflow
+#   make test   the test suite
+PYTHON   ?= python3
+VENV     := .venv
+BIN      := $(VENV)/bin
+STAMP    := $(VENV)/.ldot-installed
+DEMO_OUT ?= out/demo
+NPROC    ?= 2
+TORCH    ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lock clean
+
+setup: $(STAMP)
+
+# Reinstalls only when the dependency files change. torch first: here 2.13.0 is the local CPU
+# build, on a GPU machine the CUDA build; then the project, editable, pinned by constraints.txt.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $@
+
+demo: setup
+	@start=$$(date +%s); set -e; \
+	$(BIN)/python -m data synth --out $(DEMO_OUT)/data; \
+	$(BIN)/python -m data inspect $(DEMO_OUT)/data/train > $(DEMO_OUT)/inspect-train.txt; \
+	$(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m train --config train/configs/demo.yaml \
+		output_dir=$(DEMO_OUT)/run data.train=$(DEMO_OUT)/data/train; \
+	$(BIN)/python -m eval recall --checkpoint $(DEMO_OUT)/run/checkpoints/final --data $(DEMO_OUT)/data/test; \
+	echo; echo "demo finished in $$(( $$(date +%s) - start )) s; outputs under $(DEMO_OUT)/"
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Re-resolve the lock after changing dependencies in pyproject.toml.
+lock: setup
+	$(BIN)/python -m pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+.*/torch==\1/' > constraints.txt
+
+clean:
+	rm -rf $(DEMO_OUT)

