@@ -53,9 +53,9 @@ def retrieval_recall(scores, caption_image, ks=(1, 5, 10)) -> dict[str, float]:
 
     out: dict[str, float] = {}
     for k in ks:
-        out[f"tr_r{k}"] = float((tr_rank[has_caption] < k).float().mean())
+        out[f"tr_r{k}"] = float((tr_rank[has_caption] < k).double().mean())
     for k in ks:
-        out[f"ir_r{k}"] = float((ir_rank < k).float().mean())
+        out[f"ir_r{k}"] = float((ir_rank < k).double().mean())
     out["ar"] = float(np.mean([out[f"tr_r{k}"] for k in ks] + [out[f"ir_r{k}"] for k in ks]))
     return out
 
