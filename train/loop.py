@@ -30,12 +30,12 @@ def to_device(batch: dict, device: torch.device, float_dtype: torch.dtype) -> di
     return out
 
 
-def cmr_loss(model: DualEncoder, batch: dict, impl: str) -> torch.Tensor:
+def cmr_loss(model: DualEncoder, batch: dict) -> torch.Tensor:
     """CMR over the global batch: every rank's texts are scored against every rank's images."""
     text, image = model(batch["input_ids"], batch["attention_mask"], batch["img_feat"], batch["img_pos"],
                         batch["img_mask"])
-    return kernels.global_contrastive_loss(text, image, model.logit_scale(), group_ids=batch["group_ids"],
-                                           impl=impl)
+    return kernels.global_contrastive_loss(text, image, model.contrastive.logit_scale(),
+                                           group_ids=batch["group_ids"], impl=model.contrastive.impl)
 
 
 def _precision_dtype(precision: str) -> torch.dtype:
@@ -79,7 +79,7 @@ def train(cfg: TrainConfig) -> Path:
             step_loss, pairs, tokens = 0.0, 0, 0
             for _ in range(cfg.optim.grad_accum):
                 batch = to_device(next(batches), dist.device, float_dtype)
-                loss = cmr_loss(engine.module, batch, cfg.loss.impl)
+                loss = cmr_loss(engine.module, batch)
                 # The loss's backward hands each rank its share of the global gradient; DeepSpeed
                 # averages over ranks, so scale by the world size to get the sum.
                 engine.backward(loss * world)
@@ -89,7 +89,7 @@ def train(cfg: TrainConfig) -> Path:
                 tokens += int(batch["attention_mask"].sum() + batch["img_mask"].sum())
             dt = time.perf_counter() - t0
             grad_norm = engine.get_global_grad_norm()
-            scale = model.logit_scale()
+            scale = engine.module.contrastive.logit_scale()
             record = {"loss/cmr": step_loss, "lr": engine.get_lr()[0],
                       "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                       "loss_scale": loss_scale(engine),

@@ -19,6 +19,7 @@ from transformers import AutoTokenizer, BertConfig, BertModel, BertPreTrainedMod
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.bert.modeling_bert import BertEncoder
 
+from kernels import ContrastiveLoss
 from train.config import LossConfig, ModelConfig
 from train.errors import ConfigError
 
@@ -94,34 +95,16 @@ class ProjectionHead(nn.Module):
         return self.net(x)
 
 
-class LogitScale(nn.Module):
-    """Scale on the similarity matrix: none (the paper), fixed, or learnable in log space, clamped as CLIP."""
-
-    def __init__(self, mode: str, init_scale: float, max_scale: float = 100.0):
-        super().__init__()
-        self.mode, self.max_scale = mode, max_scale
-        log_init = torch.tensor(float(init_scale)).log()
-        if mode == "learnable":
-            self.log_scale = nn.Parameter(log_init)
-        else:
-            self.register_buffer("log_scale", log_init)
-
-    def forward(self) -> torch.Tensor | None:
-        if self.mode == "none":
-            return None
-        return self.log_scale.exp().clamp(max=self.max_scale)
-
-
 class DualEncoder(nn.Module):
     def __init__(self, text: BertModel, image: ImageEncoder, *, projection: bool, normalize: bool,
-                 scale: LogitScale):
+                 contrastive: ContrastiveLoss):
         super().__init__()
         self.text, self.image = text, image
         h = text.config.hidden_size
         self.text_proj = ProjectionHead(h) if projection else nn.Identity()
         self.image_proj = ProjectionHead(h) if projection else nn.Identity()
         self.normalize = normalize
-        self.logit_scale = scale
+        self.contrastive = contrastive  # owns the (learnable) logit scale, so the engine optimizes it
 
     @property
     def embed_dim(self) -> int:
@@ -165,7 +148,7 @@ def build_dual_encoder(model_cfg: ModelConfig, loss_cfg: LossConfig, feature_dim
         for dst, src in zip(image.encoder.layer, text.encoder.layer):
             dst.load_state_dict(src.state_dict())
     model = DualEncoder(text, image, projection=model_cfg.projection, normalize=loss_cfg.normalize,
-                        scale=LogitScale(loss_cfg.scale, loss_cfg.init_scale))
+                        contrastive=ContrastiveLoss(loss_cfg.scale, loss_cfg.init_scale, impl=loss_cfg.impl))
     return tokenizer, model
 
 
@@ -173,6 +156,7 @@ def build_dual_encoder(model_cfg: ModelConfig, loss_cfg: LossConfig, feature_dim
 # Export: Hugging Face-style directories that eval and serving load without the training code's config.
 
 EXPORT_META = "ldot.json"
+_HEADS = ("text_proj.", "image_proj.", "contrastive.")
 
 
 def export_dual_encoder(model: DualEncoder, tokenizer, out_dir: str | Path, meta: dict) -> Path:
@@ -181,11 +165,11 @@ def export_dual_encoder(model: DualEncoder, tokenizer, out_dir: str | Path, meta
     model.text.save_pretrained(out / "text_encoder")
     tokenizer.save_pretrained(out / "text_encoder")
     model.image.save_pretrained(out / "image_encoder")
-    heads = {k: v for k, v in model.state_dict().items() if k.startswith(("text_proj.", "image_proj.", "logit_scale."))}
+    heads = {k: v for k, v in model.state_dict().items() if k.startswith(_HEADS)}
     torch.save(heads, out / "heads.pt")
     info = {"format": "ldot-dual-encoder", "version": 1, "normalize": model.normalize,
             "projection": not isinstance(model.text_proj, nn.Identity),
-            "scale_mode": model.logit_scale.mode, "embed_dim": model.embed_dim, **meta}
+            "scale_mode": model.contrastive.scale_mode, "embed_dim": model.embed_dim, **meta}
     (out / EXPORT_META).write_text(json.dumps(info, indent=2))
     return out
 
@@ -201,9 +185,9 @@ def load_dual_encoder(path: str | Path, device: str | torch.device = "cpu"):
     text = BertModel.from_pretrained(path / "text_encoder", add_pooling_layer=False)
     image = ImageEncoder.from_pretrained(path / "image_encoder")
     model = DualEncoder(text, image, projection=meta["projection"], normalize=meta["normalize"],
-                        scale=LogitScale(meta["scale_mode"], 1.0))
+                        contrastive=ContrastiveLoss(meta["scale_mode"], init_scale=1.0))
     missing, unexpected = model.load_state_dict(torch.load(path / "heads.pt", map_location="cpu"), strict=False)
-    bad = [k for k in missing if k.startswith(("text_proj.", "image_proj.", "logit_scale."))] + unexpected
+    bad = [k for k in missing if k.startswith(_HEADS)] + unexpected
     if bad:
         raise ConfigError(f"{path}/heads.pt does not match {EXPORT_META}: {bad[:4]}")
     return tokenizer, model.to(device).eval(), meta

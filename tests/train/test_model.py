@@ -1,0 +1,46 @@
+"""The dual encoder: shapes, padding masks, init from text layers, export round trip."""
+import torch
+
+from train.config import LossConfig, ModelConfig
+from train.model import build_dual_encoder, export_dual_encoder, load_dual_encoder
+
+
+def _inputs(tok, feature_dim=24):
+    enc = tok(["a small red circle on the left", "two blue squares"], padding=True, return_tensors="pt")
+    g = torch.Generator().manual_seed(0)
+    feat = torch.randn(2, 5, feature_dim, generator=g)
+    pos = torch.rand(2, 5, 7, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    return enc["input_ids"], enc["attention_mask"], feat, pos, mask
+
+
+def test_shapes_padding_and_export_round_trip(tmp_path):
+    tok, model = build_dual_encoder(ModelConfig(image_layers=1, projection=True, dropout=0.0),
+                                    LossConfig(scale="learnable", normalize=True), feature_dim=24)
+    model.eval()
+    ids, am, feat, pos, mask = _inputs(tok)
+    t, i = model(ids, am, feat, pos, mask)
+    assert t.shape == i.shape == (2, model.embed_dim)
+    torch.testing.assert_close(t.norm(dim=-1), torch.ones(2))
+    # padded regions must not change the image embedding
+    feat2 = feat.clone()
+    feat2[1, 3:] = 1e3
+    torch.testing.assert_close(model.encode_image(feat2, pos, mask), i)
+    with torch.no_grad():
+        model.contrastive.log_scale.fill_(2.5)
+    export_dual_encoder(model, tok, tmp_path / "ckpt", {"feature_dim": 24})
+    tok2, model2, meta = load_dual_encoder(tmp_path / "ckpt")
+    t2, i2 = model2(ids, am, feat, pos, mask)
+    torch.testing.assert_close(t2, t)
+    torch.testing.assert_close(i2, i)
+    assert float(model2.contrastive.log_scale) == 2.5 and meta["feature_dim"] == 24
+
+
+def test_init_image_from_text_copies_layers():
+    _, model = build_dual_encoder(ModelConfig(image_layers=2, init_image_from_text=True), LossConfig(), 8)
+    for a, b in zip(model.image.encoder.layer, model.text.encoder.layer):
+        for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert na == nb and torch.equal(pa, pb)
+    _, fresh = build_dual_encoder(ModelConfig(image_layers=2), LossConfig(), 8)
+    w_img = fresh.image.encoder.layer[0].attention.self.query.weight
+    assert not torch.equal(w_img, fresh.text.encoder.layer[0].attention.self.query.weight)
