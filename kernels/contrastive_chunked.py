@@ -1,0 +1,82 @@
+"""Memory-lean torch primitives of the contrastive loss: row log-sum-exps and row gradients.
+
+The CPU path (and the GPU fallback). Rows are processed in chunks so that only a
+``chunk × n`` slab of logits exists at a time; nothing n×n is ever allocated. The Triton module
+exposes the same two functions with the same signatures, so the autograd Functions in
+``contrastive.py`` are written once for both.
+
+Conventions shared with the Triton primitives: logits are ``S = scale * a @ b.T``; row i's positive
+is column ``i + diag_offset``; with group ids, entry (i, j) is excluded (as if ``-inf``) when
+``ga[i] == gb[j]`` and ``j != i + diag_offset``. Arithmetic is float32 whatever the input dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+# Elements of one logits slab (float32): 4M elements = 16 MiB, a few live at once.
+_CHUNK_ELEMS = 1 << 22
+
+
+def _chunks(rows: int, cols: int):
+    step = max(1, min(rows, _CHUNK_ELEMS // max(cols, 1)))
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
+def _logits(a32, b32, scale, ga, gb, diag_offset, start, stop):
+    s = a32[start:stop] @ b32.T
+    if scale is not None:
+        s = s * scale
+    if ga is not None:
+        cols = torch.arange(b32.shape[0], device=s.device)
+        own = torch.arange(start, stop, device=s.device) + diag_offset
+        excluded = (ga[start:stop, None] == gb[None, :]) & (cols[None, :] != own[:, None])
+        s = s.masked_fill(excluded, float("-inf"))
+    return s
+
+
+def row_lse(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    *,
+    ga: torch.Tensor | None = None,
+    gb: torch.Tensor | None = None,
+    diag_offset: int = 0,
+) -> torch.Tensor:
+    """``logsumexp_j S[i, j]`` over the non-excluded entries, float32 ``[len(a)]``."""
+    a32, b32 = a.float(), b.float()
+    out = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
+    for start, stop in _chunks(a.shape[0], b.shape[0]):
+        out[start:stop] = torch.logsumexp(_logits(a32, b32, scale, ga, gb, diag_offset, start, stop), dim=1)
+    return out
+
+
+def row_grad(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    *,
+    lse_x: torch.Tensor | None = None,
+    lse_y: torch.Tensor | None = None,
+    gx: torch.Tensor | None = None,
+    gy: torch.Tensor | None = None,
+    diag_offset: int = 0,
+) -> torch.Tensor:
+    """``G @ y`` in float32 ``[len(x), d]`` with ``G = exp(S - lse_x[:, None]) + exp(S - lse_y[None, :])``.
+
+    Either term is left out when its lse is None; excluded entries contribute nothing. This is
+    the softmax part of the gradient; the positives' ``-1`` and the scale factor are applied by
+    the caller (they cost O(n·d)).
+    """
+    x32, y32 = x.float(), y.float()
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    for start, stop in _chunks(x.shape[0], y.shape[0]):
+        s = _logits(x32, y32, scale, gx, gy, diag_offset, start, stop)
+        g = torch.zeros_like(s)
+        if lse_x is not None:
+            g += torch.exp(s - lse_x[start:stop, None])
+        if lse_y is not None:
+            g += torch.exp(s - lse_y[None, :])
+        out[start:stop] = g @ y32
+    return out
