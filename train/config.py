@@ -65,6 +65,26 @@ class LossConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """Task ratios for task=pretrain: one task per step, drawn with these weights (the paper's 16:8:4:4)."""
+    cmr: float = 16.0
+    vmlm: float = 8.0
+    mrfr: float = 4.0
+    mrckl: float = 4.0
+    """Needs class distributions (cls.npy) in the shards; set 0 when they have none."""
+    mask_prob: float = 0.15
+
+    def __post_init__(self):
+        if min(self.cmr, self.vmlm, self.mrfr, self.mrckl) < 0 or self.cmr + self.vmlm + self.mrfr + self.mrckl <= 0:
+            raise ConfigError("pretrain ratios must be >= 0 with a positive sum")
+        if not 0.0 < self.mask_prob < 1.0:
+            raise ConfigError(f"pretrain.mask_prob must be in (0, 1), got {self.mask_prob}")
+
+    def ratios(self) -> dict[str, float]:
+        return {"cmr": self.cmr, "vmlm": self.vmlm, "mrfr": self.mrfr, "mrckl": self.mrckl}
+
+
+@dataclass
 class OptimConfig:
     lr: float = 5e-5
     weight_decay: float = 0.01
@@ -112,8 +132,9 @@ class TrackingConfig:
 class TrainConfig:
     output_dir: str = "out/run"
     seed: int = 0
-    task: Literal["finetune"] = "finetune"
-    """finetune = CMR only; pretraining (VMLM/SMRM/CMR) arrives with the train/ issue."""
+    task: Literal["finetune", "pretrain"] = "finetune"
+    """finetune = CMR only; pretrain = one of CMR/VMLM/MRFR/MRC-kl per step (see `pretrain`)."""
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)

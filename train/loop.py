@@ -1,6 +1,7 @@
 """The training recipe: build data, model, engine and tracker, run the steps, export the encoders."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -8,81 +9,112 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import kernels
 from data.loader import TrainLoader
 from data.schema import read_manifest
+from train.checkpoint import CheckpointManager
 from train.config import TrainConfig, dump_config, flatten, to_dict
 from train.distributed import DistInfo, init_distributed
+from train.errors import ConfigError
 from train.engine import build_engine, loss_scale
-from train.model import DualEncoder, build_dual_encoder, export_dual_encoder
-from train.tracking import Tracker, git_state, resolve_tracking_uri
+from train.model import build_dual_encoder, export_dual_encoder
+from train.objectives import Objectives, TaskSampler, mask_generator
+from train.preemption import PreemptionWatch
+from train.tracking import RUN_FILE, Tracker, git_state, resolve_tracking_uri, slurm_tags
 
 log = logging.getLogger("ldot.train")
 
-_FLOAT_KEYS = ("img_feat", "img_pos")
-_TENSOR_KEYS = ("input_ids", "attention_mask", "img_feat", "img_pos", "img_mask", "group_ids")
+_FLOAT_KEYS = ("img_feat", "img_pos", "img_cls")
 
 
 def to_device(batch: dict, device: torch.device, float_dtype: torch.dtype) -> dict:
-    out = {k: batch[k].to(device, non_blocking=True) for k in _TENSOR_KEYS}
+    out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
     for k in _FLOAT_KEYS:
-        out[k] = out[k].to(float_dtype)
+        if k in out:
+            out[k] = out[k].to(float_dtype)
     return out
-
-
-def cmr_loss(model: DualEncoder, batch: dict) -> torch.Tensor:
-    """CMR over the global batch: every rank's texts are scored against every rank's images."""
-    text, image = model(batch["input_ids"], batch["attention_mask"], batch["img_feat"], batch["img_pos"],
-                        batch["img_mask"])
-    return kernels.global_contrastive_loss(text, image, model.contrastive.logit_scale(),
-                                           group_ids=batch["group_ids"], impl=model.contrastive.impl)
 
 
 def _precision_dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Runs the configured job; returns the exported checkpoint directory."""
+def _tracker(cfg: TrainConfig, out: Path, dist: DistInfo, resuming: bool) -> Tracker:
+    """Rank 0 owns the run; a resumed job continues the run it started."""
+    run_file = out / RUN_FILE
+    if resuming and dist.is_main and run_file.is_file():
+        tracker = Tracker.attach(json.loads(run_file.read_text()))
+        tracker.set_status("RUNNING")
+        tracker.set_tags(slurm_tags())
+        return tracker
+    tracker = Tracker(resolve_tracking_uri(cfg.tracking.tracking_uri, out), cfg.tracking.experiment,
+                      enabled=dist.is_main)
+    tracker.start(cfg.tracking.run_name, tags={**git_state(), **slurm_tags(), "ldot.task": cfg.task})
+    return tracker
+
+
+def train(cfg: TrainConfig, resume: str | None = None) -> tuple[str, Path | None]:
+    """Runs the configured job. Returns ("finished", export dir) or ("preempted", checkpoint dir)."""
     dist: DistInfo = init_distributed()
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     manifest = read_manifest(cfg.data.train)
-    tokenizer, model = build_dual_encoder(cfg.model, cfg.loss, feature_dim=manifest["feature_dim"])
+    pretrain = cfg.task == "pretrain"
+    ratios = cfg.pretrain.ratios() if pretrain else {"cmr": 1.0}
+    num_classes = manifest.class_dim or 0
+    if ratios.get("mrckl", 0) > 0 and not num_classes:
+        raise ConfigError(f"{cfg.data.train} has no class distributions (cls.npy) for MRC-kl: set pretrain.mrckl=0")
+    tokenizer, model = build_dual_encoder(cfg.model, cfg.loss, feature_dim=manifest.feature_dim,
+                                          pretrain=pretrain, num_classes=num_classes)
     model.to(dist.device)
     engine, ds_config = build_engine(model, cfg.optim, cfg.engine, cfg.data.batch_size)
     loader = TrainLoader(cfg.data.train, tokenizer, batch_size=cfg.data.batch_size,
                          max_text_len=cfg.data.max_text_len, seed=cfg.seed, rank=dist.rank,
                          world_size=dist.world_size, num_workers=cfg.data.num_workers)
+    checkpoints = CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last, dist.rank)
+    tag = checkpoints.resolve(resume)
+    start_step = 0
+    if tag is not None:
+        trainer_state, loader_state = checkpoints.load(engine, tag)
+        loader.load_state_dict(loader_state)
+        start_step = trainer_state["step"]
+        log.info("resumed from %s at step %d", checkpoints.dir / tag, start_step)
 
-    tracker = Tracker(resolve_tracking_uri(cfg.tracking.tracking_uri, out), cfg.tracking.experiment,
-                      enabled=dist.is_main)
-    tracker.start(cfg.tracking.run_name, tags={**git_state(), "ldot.task": cfg.task})
-    tracker.log_params({**flatten(to_dict(cfg)), "world_size": dist.world_size,
-                        "zero_stage": ds_config["zero_optimization"].get("stage", 0),
-                        "data.train.images": manifest.get("num_samples", manifest.get("count", "?"))})
+    tracker = _tracker(cfg, out, dist, resuming=tag is not None)
+    if tag is None:
+        tracker.log_params({**flatten(to_dict(cfg)), "world_size": dist.world_size,
+                            "zero_stage": ds_config["zero_optimization"].get("stage", 0),
+                            "data.train.images": manifest.num_samples})
     tracker.write_info(out)
     if dist.is_main:
         dump_config(cfg, out / "config.yaml")
         tracker.log_artifact(out / "config.yaml")
 
+    def save(step: int) -> Path:
+        return checkpoints.save(engine, step, {"step": step, "config": to_dict(cfg)}, loader.state_dict())
+
+    objectives = Objectives(engine.module, tokenizer, mask_prob=cfg.pretrain.mask_prob)
+    sampler = TaskSampler(ratios, cfg.seed)
+    preemption = PreemptionWatch(dist.device)
     float_dtype = _precision_dtype(cfg.engine.precision)
     world = dist.world_size
     batches = iter(loader)
-    bar = tqdm(total=cfg.optim.max_steps, desc="train", disable=not dist.is_main, mininterval=2.0)
+    bar = tqdm(total=cfg.optim.max_steps, initial=start_step, desc="train", disable=not dist.is_main,
+               mininterval=2.0)
     status = "FAILED"
     try:
-        for step in range(1, cfg.optim.max_steps + 1):
+        for step in range(start_step + 1, cfg.optim.max_steps + 1):
             t0 = time.perf_counter()
+            task = sampler.task_for(step)
             step_loss, pairs, tokens = 0.0, 0, 0
-            for _ in range(cfg.optim.grad_accum):
+            for micro in range(cfg.optim.grad_accum):
                 batch = to_device(next(batches), dist.device, float_dtype)
-                loss = cmr_loss(engine.module, batch)
-                # The loss's backward hands each rank its share of the global gradient; DeepSpeed
-                # averages over ranks, so scale by the world size to get the sum.
-                engine.backward(loss * world)
+                loss = objectives(task, batch, mask_generator(dist.device, cfg.seed, step, dist.rank, micro))
+                # CMR's backward hands each rank its share of the global-batch gradient and DeepSpeed
+                # averages over ranks, so scale by the world size to get the sum. The other tasks
+                # are per-rank means, which DeepSpeed's average combines as they are.
+                engine.backward(loss * world if task == "cmr" else loss)
                 engine.step()
                 step_loss += loss.detach().float().item() / cfg.optim.grad_accum
                 pairs += batch["input_ids"].shape[0]
@@ -90,7 +122,7 @@ def train(cfg: TrainConfig) -> Path:
             dt = time.perf_counter() - t0
             grad_norm = engine.get_global_grad_norm()
             scale = engine.module.contrastive.logit_scale()
-            record = {"loss/cmr": step_loss, "lr": engine.get_lr()[0],
+            record = {f"loss/{task}": step_loss, "lr": engine.get_lr()[0],
                       "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                       "loss_scale": loss_scale(engine),
                       # local counts x world: ranks hold equal batches under fixed-size batching
@@ -101,6 +133,16 @@ def train(cfg: TrainConfig) -> Path:
                 tracker.log_metrics(record, step)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}")
             bar.update()
+            every = cfg.checkpoint.every_steps
+            if preemption.any_rank_requested():
+                tracker.flush()
+                path = save(step)
+                tracker.finish("KILLED")
+                log.warning("preempted: checkpoint %s written at step %d", path, step)
+                return "preempted", path
+            if every and (step % every == 0 or step == cfg.optim.max_steps):
+                tracker.flush()
+                save(step)
         status = "FINISHED"
     finally:
         bar.close()
@@ -113,11 +155,11 @@ def train(cfg: TrainConfig) -> Path:
     final = out / "checkpoints" / "final"
     if dist.is_main:
         export_dual_encoder(engine.module, tokenizer, final,
-                            {"feature_dim": manifest["feature_dim"], "max_text_len": cfg.data.max_text_len,
+                            {"feature_dim": manifest.feature_dim, "max_text_len": cfg.data.max_text_len,
                              "steps": cfg.optim.max_steps})
         tracker.write_info(final)
         dump_config(cfg, final / "config.yaml")
         tracker.set_tags({"ldot.checkpoint": str(final.resolve())})
     tracker.finish("FINISHED")
     torch.distributed.barrier()
-    return final
+    return "finished", final

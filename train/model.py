@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, BertConfig, BertModel, BertPreTrainedModel
 from transformers.masking_utils import create_bidirectional_mask
-from transformers.models.bert.modeling_bert import BertEncoder
+from transformers.models.bert.modeling_bert import BertEncoder, BertPredictionHeadTransform
 
 from kernels import ContrastiveLoss
 from train.config import LossConfig, ModelConfig
@@ -95,10 +95,29 @@ class ProjectionHead(nn.Module):
         return self.net(x)
 
 
+class PretrainHeads(nn.Module):
+    """VMLM (tied to the word embeddings), MRFR (regress the region feature), MRC-kl (class logits).
+
+    Training-only: not part of the exported encoders."""
+
+    def __init__(self, text_config: BertConfig, feature_dim: int, num_classes: int):
+        super().__init__()
+        h, eps = text_config.hidden_size, text_config.layer_norm_eps
+        self.mlm_transform = BertPredictionHeadTransform(text_config)
+        self.mlm_bias = nn.Parameter(torch.zeros(text_config.vocab_size))
+        self.mrfr = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.LayerNorm(h, eps=eps), nn.Linear(h, feature_dim))
+        self.mrc = (nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.LayerNorm(h, eps=eps), nn.Linear(h, num_classes))
+                    if num_classes else None)
+
+    def mlm_logits(self, hidden: torch.Tensor, word_embeddings: nn.Embedding) -> torch.Tensor:
+        return nn.functional.linear(self.mlm_transform(hidden), word_embeddings.weight, self.mlm_bias)
+
+
 class DualEncoder(nn.Module):
     def __init__(self, text: BertModel, image: ImageEncoder, *, projection: bool, normalize: bool,
-                 contrastive: ContrastiveLoss):
+                 contrastive: ContrastiveLoss, pretrain_heads: PretrainHeads | None = None):
         super().__init__()
+        self.pretrain_heads = pretrain_heads
         self.text, self.image = text, image
         h = text.config.hidden_size
         self.text_proj = ProjectionHead(h) if projection else nn.Identity()
@@ -113,20 +132,29 @@ class DualEncoder(nn.Module):
     def _finish(self, cls: torch.Tensor) -> torch.Tensor:
         return nn.functional.normalize(cls, dim=-1) if self.normalize else cls
 
+    def text_states(self, input_ids, attention_mask) -> torch.Tensor:
+        """All token outputs [B, L, H]; position 0 is [CLS]."""
+        return self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def image_states(self, img_feat, img_pos, img_mask) -> torch.Tensor:
+        """All outputs [B, 1 + N, H]; position 0 is [CLS], 1.. the regions."""
+        return self.image(img_feat, img_pos, img_mask)
+
     def encode_text(self, input_ids, attention_mask):
-        cls = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
-        return self._finish(self.text_proj(cls))
+        return self._finish(self.text_proj(self.text_states(input_ids, attention_mask)[:, 0]))
 
     def encode_image(self, img_feat, img_pos, img_mask):
-        cls = self.image(img_feat, img_pos, img_mask)[:, 0]
-        return self._finish(self.image_proj(cls))
+        return self._finish(self.image_proj(self.image_states(img_feat, img_pos, img_mask)[:, 0]))
 
     def forward(self, input_ids, attention_mask, img_feat, img_pos, img_mask):
         return self.encode_text(input_ids, attention_mask), self.encode_image(img_feat, img_pos, img_mask)
 
 
-def build_dual_encoder(model_cfg: ModelConfig, loss_cfg: LossConfig, feature_dim: int):
-    """A fresh dual encoder for training: text side from pretrained weights, image side new."""
+def build_dual_encoder(model_cfg: ModelConfig, loss_cfg: LossConfig, feature_dim: int, *,
+                       pretrain: bool = False, num_classes: int = 0):
+    """A fresh dual encoder for training: text side from pretrained weights, image side new.
+
+    pretrain adds the VMLM/MRFR/MRC-kl heads (MRC-kl only when the data has num_classes > 0)."""
     path = resolve_text_encoder(model_cfg.text_encoder)
     tokenizer = AutoTokenizer.from_pretrained(path)
     text = BertModel.from_pretrained(path, add_pooling_layer=False,
@@ -147,8 +175,10 @@ def build_dual_encoder(model_cfg: ModelConfig, loss_cfg: LossConfig, feature_dim
                               f"text encoder's {tc.num_hidden_layers} layers")
         for dst, src in zip(image.encoder.layer, text.encoder.layer):
             dst.load_state_dict(src.state_dict())
+    heads = PretrainHeads(tc, feature_dim, num_classes) if pretrain else None
     model = DualEncoder(text, image, projection=model_cfg.projection, normalize=loss_cfg.normalize,
-                        contrastive=ContrastiveLoss(loss_cfg.scale, loss_cfg.init_scale, impl=loss_cfg.impl))
+                        contrastive=ContrastiveLoss(loss_cfg.scale, loss_cfg.init_scale, impl=loss_cfg.impl),
+                        pretrain_heads=heads)
     return tokenizer, model
 
 

@@ -36,6 +36,13 @@ def git_state(repo: Path | None = None) -> dict[str, str]:
     return {"git.commit": commit, "git.dirty": str(bool(dirty)).lower()} if commit else {}
 
 
+def slurm_tags() -> dict[str, str]:
+    """The Slurm job and array task ids, so a run can be traced back to its job's logs."""
+    names = {"SLURM_JOB_ID": "slurm.job_id", "SLURM_ARRAY_JOB_ID": "slurm.array_job_id",
+             "SLURM_ARRAY_TASK_ID": "slurm.array_task_id", "SLURM_RESTART_COUNT": "slurm.restart_count"}
+    return {tag: os.environ[var] for var, tag in names.items() if os.environ.get(var)}
+
+
 class Tracker:
     def __init__(self, tracking_uri: str, experiment: str, *, enabled: bool = True):
         self.enabled = enabled
@@ -71,6 +78,10 @@ class Tracker:
         if self.enabled:
             Path(directory).mkdir(parents=True, exist_ok=True)
             (Path(directory) / RUN_FILE).write_text(json.dumps(self.info(), indent=2))
+
+    def set_status(self, status: str) -> None:
+        if self.enabled and self.run_id:
+            self.client.update_run(self.run_id, status=status)
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.enabled and self.run_id:

@@ -1,0 +1,78 @@
+"""Pretraining objectives: masking statistics, the task sampler, and each loss falling on a tiny batch."""
+import numpy as np
+import pytest
+import torch
+
+from train.config import LossConfig, ModelConfig
+from train.model import build_dual_encoder
+from train.objectives import IGNORE, Objectives, TaskSampler, mask_generator, mask_regions, mask_words
+
+
+def test_word_masking_is_bert_style():
+    g = torch.Generator().manual_seed(0)
+    B, L, V, MASK = 64, 200, 1000, 3
+    ids = torch.randint(10, V, (B, L), generator=g)
+    ids[:, 0], ids[:, -1] = 1, 2  # [CLS], [SEP]
+    am = torch.ones(B, L, dtype=torch.long)
+    am[:, 150:] = 0
+    masked, labels = mask_words(ids, am, prob=0.15, mask_id=MASK, vocab_size=V,
+                                special_ids=torch.tensor([0, 1, 2, MASK]), g=g)
+    chosen = labels != IGNORE
+    assert not chosen[:, 0].any() and not chosen[:, 150:].any()  # specials and padding never chosen
+    assert torch.equal(labels[chosen], ids[chosen])
+    assert chosen.float()[:, 1:149].mean().item() == pytest.approx(0.15, abs=0.01)
+    frac_mask = (masked[chosen] == MASK).float().mean().item()
+    frac_kept = (masked[chosen] == ids[chosen]).float().mean().item()
+    assert frac_mask == pytest.approx(0.8, abs=0.03)
+    assert frac_kept == pytest.approx(0.1 + 0.1 / V, abs=0.03)
+    assert torch.equal(masked[~chosen], ids[~chosen])
+
+
+def test_every_sample_gets_a_target():
+    g = torch.Generator().manual_seed(1)
+    img_mask = torch.zeros(50, 4, dtype=torch.long)
+    img_mask[:, :2] = 1
+    chosen = mask_regions(img_mask, prob=0.01, g=g)
+    assert (chosen.sum(1) >= 1).all() and not chosen[:, 2:].any()
+
+
+def test_task_sampler_is_deterministic_and_follows_ratios():
+    s = TaskSampler({"cmr": 16, "vmlm": 8, "mrfr": 4, "mrckl": 4}, seed=3)
+    draws = [s.task_for(i) for i in range(4000)]
+    assert draws == [TaskSampler({"cmr": 16, "vmlm": 8, "mrfr": 4, "mrckl": 4}, seed=3).task_for(i)
+                     for i in range(4000)]
+    freq = {t: draws.count(t) / len(draws) for t in set(draws)}
+    assert freq["cmr"] == pytest.approx(0.5, abs=0.03) and freq["mrckl"] == pytest.approx(0.125, abs=0.02)
+    assert TaskSampler({"cmr": 1}, seed=0).task_for(7) == "cmr"
+
+
+def test_mask_generator_depends_on_every_coordinate():
+    draws = {tuple(torch.rand(3, generator=mask_generator(torch.device("cpu"), *c)).tolist())
+             for c in [(0, 1, 0, 0), (0, 2, 0, 0), (0, 1, 1, 0), (0, 1, 0, 1), (1, 1, 0, 0)]}
+    assert len(draws) == 5
+
+
+@pytest.mark.parametrize("task", ["cmr", "vmlm", "mrfr", "mrckl"])
+def test_each_objective_overfits_a_tiny_batch(task, tiny_text_encoder):
+    torch.manual_seed(0)
+    D, C, B, N = 16, 10, 6, 5
+    tok, model = build_dual_encoder(ModelConfig(text_encoder=tiny_text_encoder, image_layers=1, dropout=0.0),
+                                    LossConfig(scale="fixed", init_scale=10.0, normalize=True), D,
+                                    pretrain=True, num_classes=C)
+    enc = tok([f"a photo of object number {i} in a scene" for i in range(B)], padding=True, return_tensors="pt")
+    batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+             "img_feat": torch.randn(B, N, D), "img_pos": torch.rand(B, N, 7),
+             "img_mask": torch.ones(B, N, dtype=torch.long), "group_ids": torch.arange(B),
+             "img_cls": torch.softmax(3 * torch.randn(B, N, C), -1)}
+    objectives = Objectives(model, tok, mask_prob=0.3)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(40):
+        # the same masks every step: overfitting a fixed problem
+        loss = objectives(task, batch, mask_generator(torch.device("cpu"), 0, 0, 0, 0))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.isfinite(losses).all()
+    assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3]), losses

@@ -1,0 +1,122 @@
+"""LightningDOT's objectives: CMR (global-batch contrastive), VMLM, and SMRM as MRFR and MRC-kl.
+
+Masking happens here, on the device, from a generator seeded by (seed, step, rank, micro-step): a
+resumed run draws exactly the masks the uninterrupted run drew, with no RNG state to checkpoint. The
+task of each step is drawn the same way from (seed, step), so every rank trains the same task.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import kernels
+from train.model import DualEncoder
+
+TASKS = ("cmr", "vmlm", "mrfr", "mrckl")
+IGNORE = -100
+
+
+class TaskSampler:
+    """One task per step with the configured ratios; a pure function of (seed, step)."""
+
+    def __init__(self, ratios: dict[str, float], seed: int):
+        self.tasks = [t for t in TASKS if ratios.get(t, 0) > 0]
+        if not self.tasks:
+            raise ValueError("at least one task needs a positive ratio")
+        w = np.array([ratios[t] for t in self.tasks], dtype=np.float64)
+        self.p, self.seed = w / w.sum(), seed
+
+    def task_for(self, step: int) -> str:
+        return str(np.random.default_rng([self.seed, step]).choice(self.tasks, p=self.p))
+
+
+def mask_generator(device: torch.device, seed: int, step: int, rank: int, micro: int) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(int(np.random.SeedSequence([seed, step, rank, micro]).generate_state(1)[0]))
+    return g
+
+
+def _at_least_one(chosen: torch.Tensor, candidates: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Rows with candidates but nothing chosen get one random candidate, so every sample has a target."""
+    empty = (chosen.sum(1) == 0) & (candidates.sum(1) > 0)
+    if empty.any():
+        noise = torch.rand(candidates.shape, generator=g, device=candidates.device)
+        pick = (noise * candidates).argmax(1)
+        chosen = chosen.clone()
+        chosen[empty, pick[empty]] = True
+    return chosen
+
+
+def mask_words(input_ids, attention_mask, *, prob: float, mask_id: int, vocab_size: int,
+               special_ids: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking: `prob` of the real words chosen; of those 80% [MASK], 10% random, 10% kept."""
+    candidates = attention_mask.bool() & ~torch.isin(input_ids, special_ids)
+    chosen = (torch.rand(input_ids.shape, generator=g, device=input_ids.device) < prob) & candidates
+    chosen = _at_least_one(chosen, candidates, g)
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE))
+    action = torch.rand(input_ids.shape, generator=g, device=input_ids.device)
+    random_words = torch.randint(vocab_size, input_ids.shape, generator=g, device=input_ids.device)
+    masked = torch.where(chosen & (action < 0.8), torch.full_like(input_ids, mask_id), input_ids)
+    masked = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_words, masked)
+    return masked, labels
+
+
+def mask_regions(img_mask, *, prob: float, g: torch.Generator) -> torch.Tensor:
+    """`prob` of the real regions chosen (bool [B, N]); their features are zeroed by the caller."""
+    candidates = img_mask.bool()
+    chosen = (torch.rand(img_mask.shape, generator=g, device=img_mask.device) < prob) & candidates
+    return _at_least_one(chosen, candidates, g)
+
+
+class Objectives:
+    def __init__(self, model: DualEncoder, tokenizer, *, mask_prob: float = 0.15):
+        self.model, self.mask_prob = model, mask_prob
+        self.mask_id, self.vocab_size = tokenizer.mask_token_id, len(tokenizer)
+        self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)))
+
+    def __call__(self, task: str, batch: dict, g: torch.Generator | None) -> torch.Tensor:
+        return getattr(self, task)(batch, g)
+
+    def cmr(self, batch: dict, g=None) -> torch.Tensor:
+        """Contrastive loss over the global batch: every rank's texts against every rank's images."""
+        m = self.model
+        text, image = m(batch["input_ids"], batch["attention_mask"], batch["img_feat"], batch["img_pos"],
+                        batch["img_mask"])
+        return kernels.global_contrastive_loss(text, image, m.contrastive.logit_scale(),
+                                               group_ids=batch["group_ids"], impl=m.contrastive.impl)
+
+    def vmlm(self, batch: dict, g: torch.Generator) -> torch.Tensor:
+        """Masked words predicted from z_m + h_0 (masked text states plus the image's [CLS])."""
+        m = self.model
+        ids, labels = mask_words(batch["input_ids"], batch["attention_mask"], prob=self.mask_prob,
+                                 mask_id=self.mask_id, vocab_size=self.vocab_size,
+                                 special_ids=self.special_ids.to(batch["input_ids"].device), g=g)
+        z_m = m.text_states(ids, batch["attention_mask"])
+        h_0 = m.image_states(batch["img_feat"], batch["img_pos"], batch["img_mask"])[:, :1]
+        chosen = labels != IGNORE
+        logits = m.pretrain_heads.mlm_logits((z_m + h_0)[chosen], m.text.embeddings.word_embeddings)
+        return F.cross_entropy(logits.float(), labels[chosen])
+
+    def _smrm(self, batch: dict, g: torch.Generator):
+        """Outputs at masked regions of h_m + z_0, with the chosen mask."""
+        m = self.model
+        chosen = mask_regions(batch["img_mask"], prob=self.mask_prob, g=g)
+        feat = batch["img_feat"].masked_fill(chosen[..., None], 0.0)
+        h_m = m.image_states(feat, batch["img_pos"], batch["img_mask"])[:, 1:]
+        z_0 = m.text_states(batch["input_ids"], batch["attention_mask"])[:, :1]
+        return (h_m + z_0)[chosen], chosen
+
+    def mrfr(self, batch: dict, g: torch.Generator) -> torch.Tensor:
+        """Masked region feature regression: L2 to the original feature."""
+        out, chosen = self._smrm(batch, g)
+        pred = self.model.pretrain_heads.mrfr(out).float()
+        return F.mse_loss(pred, batch["img_feat"][chosen].float(), reduction="none").sum(-1).mean()
+
+    def mrckl(self, batch: dict, g: torch.Generator) -> torch.Tensor:
+        """Masked region classification: KL to the detector's (or backbone's) class distribution."""
+        out, chosen = self._smrm(batch, g)
+        logp = F.log_softmax(self.model.pretrain_heads.mrc(out).float(), dim=-1)
+        target = batch["img_cls"][chosen].float()
+        target = target / target.sum(-1, keepdim=True).clamp_min(1e-8)
+        return F.kl_div(logp, target, reduction="batchmean")
