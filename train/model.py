@@ -155,6 +155,16 @@ def build_dual_encoder(model_cfg: ModelConfig, loss_cfg: LossConfig, feature_dim
     """A fresh dual encoder for training: text side from pretrained weights, image side new.
 
     pretrain adds the VMLM/MRFR/MRC-kl heads (MRC-kl only when the data has num_classes > 0)."""
+    if model_cfg.init_from:
+        tokenizer, model, meta = load_dual_encoder(model_cfg.init_from)
+        if meta.get("feature_dim", feature_dim) != feature_dim:
+            raise ConfigError(f"model.init_from={model_cfg.init_from} was trained on {meta['feature_dim']}-d "
+                              f"features, the data has {feature_dim}")
+        model.normalize = loss_cfg.normalize
+        model.contrastive = ContrastiveLoss(loss_cfg.scale, loss_cfg.init_scale, impl=loss_cfg.impl)
+        if pretrain:
+            model.pretrain_heads = PretrainHeads(model.text.config, feature_dim, num_classes)
+        return tokenizer, model.train()
     path = resolve_text_encoder(model_cfg.text_encoder)
     tokenizer = AutoTokenizer.from_pretrained(path)
     text = BertModel.from_pretrained(path, add_pooling_layer=False,

@@ -35,3 +35,9 @@ def test_missing_train_data_is_an_error(tmp_path):
     p.write_text("seed: 1\n")
     with pytest.raises(ConfigError, match="data.train is required"):
         load_config(p)
+
+
+@pytest.mark.parametrize("name", ["demo", "pretrain-paper", "finetune-flickr30k", "finetune-coco"])
+def test_every_recipe_loads(name):
+    cfg = load_config(DEMO.parent / f"{name}.yaml")
+    assert cfg.optim.betas == (0.9, 0.98) and cfg.optim.max_steps >= 1

@@ -44,3 +44,20 @@ def test_init_image_from_text_copies_layers():
     _, fresh = build_dual_encoder(ModelConfig(image_layers=2), LossConfig(), 8)
     w_img = fresh.image.encoder.layer[0].attention.self.query.weight
     assert not torch.equal(w_img, fresh.text.encoder.layer[0].attention.self.query.weight)
+
+
+def test_init_from_an_export_starts_from_its_weights(tmp_path, tiny_text_encoder):
+    tok, model = build_dual_encoder(ModelConfig(text_encoder=tiny_text_encoder, image_layers=1, projection=True),
+                                    LossConfig(), feature_dim=24)
+    with torch.no_grad():
+        model.image.encoder.layer[0].output.dense.weight.add_(1.0)
+    export_dual_encoder(model, tok, tmp_path / "pre", {"feature_dim": 24})
+    _, again = build_dual_encoder(ModelConfig(init_from=str(tmp_path / "pre")), LossConfig(scale="learnable"),
+                                  feature_dim=24, pretrain=True, num_classes=3)
+    assert torch.equal(again.image.encoder.layer[0].output.dense.weight, model.image.encoder.layer[0].output.dense.weight)
+    assert torch.equal(again.text_proj.net[0].weight, model.text_proj.net[0].weight)
+    assert again.pretrain_heads is not None and again.contrastive.scale_mode == "learnable"
+    import pytest
+    from train.errors import ConfigError
+    with pytest.raises(ConfigError, match="24-d features"):
+        build_dual_encoder(ModelConfig(init_from=str(tmp_path / "pre")), LossConfig(), feature_dim=99)
