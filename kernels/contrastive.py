@@ -3,7 +3,7 @@
 The loss over ``S = scale * text @ image.T`` (n×n, never materialized) is
 ``1/(2n) Σ_k [(lse_row_k - S_kk) + (lse_col_k - S_kk)]``. Its gradient is
 ``dS = 1/(2n) (P + Q - 2I)`` with P, Q the row- and column-softmaxes, so every backward quantity
-is ``(P + Q) @ features`` plus O(n·d) terms; the two primitives ``row_lse`` and ``row_grad`` (torch
+is ``(P + Q - 2I) @ features`` (and ``d scale = Σ text ⊙ dS @ image / scale``); the two primitives ``row_lse`` and ``row_grad`` (torch
 chunked or Triton, same signatures) are all the Functions below need.
 """
 from __future__ import annotations
@@ -67,18 +67,17 @@ class _BidirectionalLoss(torch.autograd.Function):
         s = _scale32(scale)
         lse_t = backend.row_lse(text, image, s, ga=group_ids, gb=group_ids)
         lse_i = backend.row_lse(image, text, s, ga=group_ids, gb=group_ids)
-        pos = (text.float() * image.float()).sum(dim=1)  # raw positives, unscaled
-        pos_sum = pos.sum()
+        pos_sum = (text.float() * image.float()).sum()  # raw positives, unscaled
         pos_logits = pos_sum if s is None else s * pos_sum
         loss = (lse_t.sum() + lse_i.sum() - 2.0 * pos_logits) / (2 * n)
-        ctx.save_for_backward(text, image, scale, group_ids, lse_t, lse_i, pos_sum)
+        ctx.save_for_backward(text, image, scale, group_ids, lse_t, lse_i)
         ctx.backend = backend
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        text, image, scale, group_ids, lse_t, lse_i, pos_sum = ctx.saved_tensors
+        text, image, scale, group_ids, lse_t, lse_i = ctx.saved_tensors
         need_t, need_i, need_s = ctx.needs_input_grad[:3]
         n = text.shape[0]
         s = _scale32(scale)
@@ -88,12 +87,12 @@ class _BidirectionalLoss(torch.autograd.Function):
         if need_t or need_s:
             gt = ctx.backend.row_grad(text, image, s, lse_x=lse_t, lse_y=lse_i, gx=group_ids, gy=group_ids)
             if need_s:
-                d_scale = _scale_grad(scale, k * ((text.float() * gt).sum() - 2.0 * pos_sum))
+                d_scale = _scale_grad(scale, k * (text.float() * gt).sum())
             if need_t:
-                d_text = (ks * (gt - 2.0 * image.float())).to(text.dtype)
+                d_text = (ks * gt).to(text.dtype)
         if need_i:
             gi = ctx.backend.row_grad(image, text, s, lse_x=lse_i, lse_y=lse_t, gx=group_ids, gy=group_ids)
-            d_image = (ks * (gi - 2.0 * text.float())).to(image.dtype)
+            d_image = (ks * gi).to(image.dtype)
         return d_text, d_image, d_scale, None, None
 
 
@@ -111,14 +110,14 @@ class _OneWayLoss(torch.autograd.Function):
         lse = backend.row_lse(a, b, s, ga=ga, gb=gb, diag_offset=offset)
         pos_sum = (a.float() * b[offset : offset + m].float()).sum()
         pos_logits = pos_sum if s is None else s * pos_sum
-        ctx.save_for_backward(a, b, scale, ga, gb, lse, pos_sum)
+        ctx.save_for_backward(a, b, scale, ga, gb, lse)
         ctx.offset, ctx.backend = offset, backend
         return lse.sum() - pos_logits
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        a, b, scale, ga, gb, lse, pos_sum = ctx.saved_tensors
+        a, b, scale, ga, gb, lse = ctx.saved_tensors
         need_a, need_b, need_s = ctx.needs_input_grad[:3]
         off, m = ctx.offset, a.shape[0]
         s = _scale32(scale)
@@ -128,12 +127,11 @@ class _OneWayLoss(torch.autograd.Function):
         if need_a or need_s:
             ga_raw = ctx.backend.row_grad(a, b, s, lse_x=lse, gx=ga, gy=gb, diag_offset=off)
             if need_s:
-                d_scale = _scale_grad(scale, k * ((a.float() * ga_raw).sum() - pos_sum))
+                d_scale = _scale_grad(scale, k * (a.float() * ga_raw).sum())
             if need_a:
-                d_a = (ks * (ga_raw - b[off : off + m].float())).to(a.dtype)
+                d_a = (ks * ga_raw).to(a.dtype)
         if need_b:
             gb_raw = ctx.backend.row_grad(b, a, s, lse_y=lse, gx=gb, gy=ga, diag_offset=-off)
-            gb_raw[off : off + m] -= a.float()
             d_b = (ks * gb_raw).to(b.dtype)
         return d_a, d_b, d_scale, None, None, None, None
 
@@ -242,16 +240,17 @@ class ContrastiveLoss(nn.Module):
             raise KernelError(f"need 0 < init_scale <= max_scale; got {init_scale} and {max_scale}")
         self.scale_mode, self.max_scale, self.impl = scale, float(max_scale), impl
         if scale == "learnable":
-            self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
+            # shape [1], not 0-d: DeepSpeed's parameter broadcast cannot view a 0-d tensor as bytes
+            self.log_scale = nn.Parameter(torch.tensor([math.log(init_scale)]))
         elif scale == "fixed":
-            self.register_buffer("fixed_scale", torch.tensor(float(init_scale)))
+            self.register_buffer("fixed_scale", torch.tensor([float(init_scale)]))
 
     def logit_scale(self) -> torch.Tensor | None:
         """The scale the loss multiplies logits by (a differentiable 0-d tensor), or None."""
         if self.scale_mode == "learnable":
-            return self.log_scale.exp().clamp(max=self.max_scale)
+            return self.log_scale.exp().clamp(max=self.max_scale).squeeze(0)
         if self.scale_mode == "fixed":
-            return self.fixed_scale
+            return self.fixed_scale.squeeze(0)
         return None
 
     @property

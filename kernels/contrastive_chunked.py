@@ -63,11 +63,12 @@ def row_grad(
     gy: torch.Tensor | None = None,
     diag_offset: int = 0,
 ) -> torch.Tensor:
-    """``G @ y`` in float32 ``[len(x), d]`` with ``G = exp(S - lse_x[:, None]) + exp(S - lse_y[None, :])``.
+    """``G @ y`` in float32 ``[len(x), d]``: the gradient of the summed cross-entropies w.r.t. the raw logits, times y.
 
-    Either term is left out when its lse is None; excluded entries contribute nothing. This is
-    the softmax part of the gradient; the positives' ``-1`` and the scale factor are applied by
-    the caller (they cost O(n·d)).
+    ``G = exp(S - lse_x[:, None]) + exp(S - lse_y[None, :]) - c·[j == i + diag_offset]``, with
+    either softmax term left out when its lse is None and c the number of terms kept (each
+    cross-entropy's ``-1`` at its positive). Excluded entries contribute nothing. The caller
+    applies the scale and the normalization.
     """
     x32, y32 = x.float(), y.float()
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
@@ -78,5 +79,9 @@ def row_grad(
             g += torch.exp(s - lse_x[start:stop, None])
         if lse_y is not None:
             g += torch.exp(s - lse_y[None, :])
+        own = torch.arange(start, stop, device=x.device) + diag_offset
+        inside = (own >= 0) & (own < y.shape[0])
+        rows = torch.arange(stop - start, device=x.device)[inside]
+        g[rows, own[inside]] -= (lse_x is not None) + (lse_y is not None)
         out[start:stop] = g @ y32
     return out

@@ -1,0 +1,131 @@
+"""Tests of kernels/contrastive_triton.py against float64: compiled on CUDA, else Triton's CPU interpreter."""
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels import contrastive_loss
+from kernels.contrastive import one_way_loss_sum
+from kernel_helpers import fast_with_grads, features, groups, reference_with_grads, rel_err
+
+triton = pytest.importorskip("triton", reason="triton is not installed")
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+# The interpreter only works when TRITON_INTERPRET=1 was set before triton was first imported
+# (triton's own library functions are decorated then); otherwise a subprocess runs this file.
+INTERPRETED = not ON_GPU and type(triton.language.max).__name__ == "InterpretedFunction"
+IN_PROCESS = ON_GPU or INTERPRETED
+REPO = Path(__file__).resolve().parents[2]
+
+# (loss, gradients) relative tolerances. The reference sees the same rounded inputs, so what is
+# left is accumulation order, G rounded to the operand dtype, the gradients' own rounding, and on
+# GPU TF32 for fp32 operands (the interpreter multiplies fp32 exactly).
+TOL = {
+    torch.float32: (5e-4, 5e-3) if ON_GPU else (1e-5, 1e-5),
+    torch.bfloat16: (1e-4, 2e-2),
+    torch.float16: (1e-4, 3e-3),
+}
+
+
+def test_interpreter_in_subprocess():
+    """On a CPU machine whose triton was imported without TRITON_INTERPRET, run this file under it."""
+    if IN_PROCESS:
+        pytest.skip("kernels already run in this process (CUDA or TRITON_INTERPRET=1)")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", __file__],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    if " passed" not in out:
+        pytest.skip(f"Triton interpreter could not run the kernels: {out[-1500:]}")
+    assert " failed" not in out
+
+
+@pytest.fixture(scope="module")
+def triton_module():
+    """The kernels module, after checking that its kernels can run here at all."""
+    if not IN_PROCESS:
+        pytest.skip("runs in a TRITON_INTERPRET=1 subprocess (test_interpreter_in_subprocess)")
+    module = importlib.import_module("kernels.contrastive_triton")
+    try:
+        t, i = features(3, 5, device=DEVICE)
+        module.row_lse(t, i)
+    except Exception as exc:  # noqa: BLE001 - any failure here means "cannot run", said once
+        pytest.skip(f"Triton kernels cannot run here ({'CUDA' if ON_GPU else 'TRITON_INTERPRET=1'}): {exc!r}")
+    return module
+
+
+def _check(got, ref, dtype, n):
+    loss_tol, grad_tol = TOL[dtype]
+    assert abs(float(got[0]) - float(ref[0])) <= loss_tol * max(1.0, abs(float(ref[0])))
+    for name, a, b in zip(("text", "image", "scale"), got[1:], ref[1:]):
+        if b is None:
+            assert a is None, name
+        elif n == 1:
+            assert a.abs().max() < 1e-4, name  # one pair: zero up to the lse round trip
+        else:
+            assert rel_err(a, b) < grad_tol, (name, rel_err(a, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n,d", [(1, 5), (7, 16), (33, 40)])
+def test_triton_matches_reference(triton_module, dtype, n, d):
+    t, i = features(n, d, dtype=dtype, seed=n + d, device=DEVICE)
+    scale = torch.tensor(9.0, device=DEVICE)
+    g = groups(n, seed=d).to(DEVICE)
+    ref = reference_with_grads(t, i, scale, g)
+    got = fast_with_grads(contrastive_loss, t, i, scale, impl="triton", group_ids=g)
+    assert got[1].dtype == dtype and got[2].dtype == dtype
+    _check(got, ref, dtype, n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_without_scale_or_groups(triton_module, dtype):
+    t, i = features(33, 16, dtype=dtype, seed=11, device=DEVICE)
+    _check(fast_with_grads(contrastive_loss, t, i, None, impl="triton"), reference_with_grads(t, i), dtype, 33)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_gradient_buffer_mode(monkeypatch, triton_module, dtype):
+    """Large d keeps the gradient rows in a float32 buffer instead of registers; force that path."""
+    monkeypatch.setattr(triton_module, "REG_D_MAX", 0)
+    t, i = features(33, 40, dtype=dtype, seed=3, device=DEVICE)
+    scale = torch.tensor(5.0, device=DEVICE)
+    g = groups(33, seed=4).to(DEVICE)
+    _check(fast_with_grads(contrastive_loss, t, i, scale, impl="triton", group_ids=g),
+           reference_with_grads(t, i, scale, g), dtype, 33)
+
+
+def test_triton_one_way_with_offset_matches_chunked(triton_module):
+    """The cross-rank building block: this rank's 9 rows against a global batch of 20, positives at 6."""
+    a_all, b_all = features(20, 16, seed=21, device=DEVICE)
+    g = groups(20, seed=5).to(DEVICE)
+    results = {}
+    for impl in ("chunked", "triton"):
+        a = a_all[6:15].clone().requires_grad_(True)
+        b = b_all.clone().requires_grad_(True)
+        s = torch.tensor(4.0, device=DEVICE, requires_grad=True)
+        loss = one_way_loss_sum(a, b, s, offset=6, ga=g[6:15], gb=g, impl=impl)
+        loss.backward()
+        results[impl] = (loss.detach(), a.grad, b.grad, s.grad)
+    tol = 5e-3 if ON_GPU else 1e-5
+    for x, y in zip(results["triton"], results["chunked"]):
+        assert rel_err(x, y) < tol
+
+
+def test_triton_rejects_cpu_tensors_when_not_interpreting(monkeypatch):
+    from kernels import KernelError
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    t, i = features(3, 5)
+    with pytest.raises(KernelError):
+        contrastive_loss(t, i, impl="triton")
