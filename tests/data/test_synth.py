@@ -1,0 +1,87 @@
+"""data/synth.py: valid shards, 5 discriminative captions, held-out colour×shape pairs, determinism."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data import schema, synth
+from data.reader import ErrorPolicy, read_shard
+from data.validate import check_dataset
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def metas(data_dir):
+    out = []
+    for path in schema.shard_paths(data_dir, schema.read_manifest(data_dir)):
+        for raw in read_shard(path, ErrorPolicy("error")):
+            out.append(schema.decode_sample(raw))
+    return out
+
+
+def test_synth_writes_valid_train_and_test(synth_dir):
+    for split, n in (("train", 60), ("test", 20)):
+        report = check_dataset(synth_dir / split, progress=False)
+        assert report.ok, report.format()
+        m = report.manifest
+        assert (m.num_samples, m.num_captions, m.split, m.source) == (n, 5 * n, split, "synth")
+        assert (m.feature_dim, m.min_regions, m.max_regions, m.has_thumbnails) == (1280, 49, 49, True)
+    assert len(schema.read_manifest(synth_dir / "train").shards) == 4  # 60 samples, 16 per shard
+
+
+def test_held_out_pairs_absent_from_train_and_present_in_every_test_scene(synth_dir):
+    held = {tuple(p) for p in synth.HELD_OUT}
+    train = metas(synth_dir / "train")
+    train_pairs = {(o["color"], o["shape"]) for s in train for o in s["json"]["scene"]["objects"]}
+    assert not train_pairs & held
+    assert len(train_pairs) >= 15  # the other pairs really are used
+    train_text = " ".join(c for s in train for c in s["json"]["captions"])
+    for color, shape in held:
+        assert f"{color} {shape}" not in train_text
+    for s in metas(synth_dir / "test"):
+        pairs = {(o["color"], o["shape"]) for o in s["json"]["scene"]["objects"]}
+        assert pairs & held, s["json"]
+
+
+def test_captions_name_every_object_and_differ(tokenizer):
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        scene = synth.make_scene(rng, "train")
+        caps = synth.captions(scene, rng)
+        assert len(caps) == 5 and len(set(caps)) == 5
+        for cap in caps:
+            for o in scene.objects:
+                assert o.color in cap and o.shape in cap, (cap, scene)
+            assert len(tokenizer(cap)["input_ids"]) <= 32, cap  # never truncated at the default max_text_len
+
+
+def test_scenes_render_their_objects():
+    scene = synth.Scene("black", [synth.Obj("red", "square", "large", 1, 1, 0.5, 0.5)])
+    img = np.asarray(synth.render(scene))
+    assert tuple(img[112, 112]) == synth.COLORS["red"] and tuple(img[5, 5]) == synth.BACKGROUNDS["black"]
+
+
+def test_deterministic_given_seed(tmp_path, synth_dir):
+    synth.synth(tmp_path, images=60, test_images=20, seed=3, shard_size=16, progress=False)
+    for split in ("train", "test"):
+        a, b = metas(synth_dir / split), metas(tmp_path / split)
+        assert [s["json"]["captions"] for s in a] == [s["json"]["captions"] for s in b]
+        assert all(np.array_equal(x["feat.npy"], y["feat.npy"]) for x, y in zip(a, b))
+    other = tmp_path / "other"
+    synth.synth(other, images=60, test_images=1, seed=4, shard_size=16, progress=False)
+    assert [s["json"]["captions"] for s in metas(other / "train")] != [s["json"]["captions"] for s in metas(synth_dir / "train")]
+
+
+def test_command_line(tmp_path):
+    out = tmp_path / "cli"
+    r = subprocess.run([sys.executable, "-m", "data", "synth", "--out", str(out), "--images", "8", "--test-images", "4"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "8 train + 4 test images" in r.stdout
+    assert schema.read_manifest(out / "train").command.startswith("python -m data synth --out")
+    again = subprocess.run([sys.executable, "-m", "data", "synth", "--out", str(out), "--images", "8"], cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode != 0 and "already holds a dataset" in again.stderr and "Traceback" not in again.stderr
