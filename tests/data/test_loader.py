@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import BAD_SAMPLES, good_members, truncate, write_raw_dataset
 from data import DataError, schema
 from data.loader import EpochPlan, TrainLoader, load_eval_split
 
@@ -114,3 +115,128 @@ def test_eval_split(synth_dir, tokenizer):
 
     first = schema.decode_sample(next(read_shard(path, ErrorPolicy())))
     assert torch.equal(batches[0]["img_feat"][0], torch.from_numpy(first["feat.npy"].astype(np.float32)))
+
+
+def fingerprint(batch):
+    return (batch["group_ids"].tolist(), batch["input_ids"].tolist(), float(batch["img_feat"].sum()))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_exact_resume(small_dataset, tokenizer, num_workers):
+    kw = dict(batch_size=5, seed=4, rank=1, world_size=2, num_workers=num_workers)
+    full = [fingerprint(b) for b in take(TrainLoader(small_dataset, tokenizer, **kw), 13)]  # ~5 epochs of this rank
+    for cut in (1, 4, 7):  # mid-epoch and on/after epoch boundaries, each worker's turn
+        first = TrainLoader(small_dataset, tokenizer, **kw)
+        head = [fingerprint(b) for b in take(first, cut)]
+        state = first.state_dict()
+        resumed = TrainLoader(small_dataset, tokenizer, **kw)
+        resumed.load_state_dict(state)
+        tail = [fingerprint(b) for b in take(resumed, 13 - cut)]
+        assert head + tail == full, f"resume after {cut} batches diverged"
+        assert resumed.state_dict()["batches"] == 13
+
+
+def test_resume_refuses_a_different_layout(small_dataset, tokenizer):
+    a = TrainLoader(small_dataset, tokenizer, batch_size=5, world_size=2)
+    take(a, 2)
+    b = TrainLoader(small_dataset, tokenizer, batch_size=5, world_size=2, num_workers=2)
+    with pytest.raises(DataError, match="num_workers 0 .this loader: 2."):
+        b.load_state_dict(a.state_dict())
+
+
+def test_two_ranks_two_workers_see_every_sample_once_per_epoch(small_dataset, tokenizer):
+    # batch_size 1: batch i of a rank comes from worker i % 2, so each worker's first `share` batches are its
+    # epoch-0 share; across 2 ranks × 2 workers they must be the 47 samples, each once. Then epoch 1 again.
+    seen = {0: [], 1: []}
+    for rank in range(2):
+        loader = TrainLoader(small_dataset, tokenizer, batch_size=1, rank=rank, world_size=2, num_workers=2, seed=7)
+        batches = take(loader, 2 * 12 * 2 + 2)
+        for worker in range(2):
+            share = loader.plan.slot_size(rank * 2 + worker)  # 11 or 12
+            mine = [int(b["group_ids"]) for b in batches[worker::2]]
+            seen[0] += mine[:share]
+            seen[1] += mine[share:2 * share]
+    for epoch in (0, 1):
+        assert sorted(seen[epoch]) == list(range(47)), f"epoch {epoch}"
+    assert seen[0] != seen[1]  # reshuffled
+
+
+def bad_dataset(root):
+    """Shard 0: 8 good samples with the six bad-sample cases in between; shard 1: 10 good, truncated."""
+    first = []
+    for k in range(14):
+        m = good_members(k)
+        first.append(BAD_SAMPLES[(k - 1) // 2][1](m) if k % 2 == 1 and k < 13 else m)
+    out = write_raw_dataset(root, [first, [good_members(k) for k in range(14, 24)]])
+    truncate(out / "shard-000001.tar", 0.55)
+    return out
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_skip_policy_counts_every_bad_sample(tmp_path, tokenizer, num_workers):
+    data = bad_dataset(tmp_path / "bad")
+    loader = TrainLoader(data, tokenizer, batch_size=1, num_workers=num_workers, on_error="skip")
+    bad = {1, 3, 5, 7, 9, 11}
+    if num_workers:
+        ids = [int(b["group_ids"]) for b in take(loader, 40)]
+        assert ids and not set(ids) & bad
+        assert set(loader.skipped) >= {"missing_member", "nonfinite", "empty_caption", "corrupt_tar"}
+        return
+    valid = []
+    for batch in loader:
+        if loader.state_dict()["slots"][0]["epoch"] == 1:  # first batch of epoch 1: epoch 0 is complete
+            break
+        valid.append(int(batch["group_ids"]))
+    epoch_skips = loader.state_dict()["slots"][0]["epoch_skipped"]  # every skip of epoch 0
+    for reason in ("missing_member", "wrong_dim", "nonfinite", "empty_caption", "invalid_json", "undecodable",
+                   "corrupt_tar"):
+        assert epoch_skips.get(reason, 0) >= 1, (reason, epoch_skips)
+    # Nothing vanishes: every sample of the epoch was either yielded or counted.
+    assert len(valid) + sum(epoch_skips.values()) == 24
+    assert set(valid) >= {0, 2, 4, 6, 8, 10, 12, 13, 14} and not set(valid) & bad
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("name, corrupt, reason", BAD_SAMPLES, ids=[b[0] for b in BAD_SAMPLES])
+def test_error_policy_names_shard_key_and_problem(tmp_path, tokenizer, num_workers, name, corrupt, reason):
+    samples = [good_members(k) for k in range(6)]
+    samples[4] = corrupt(samples[4])
+    data = write_raw_dataset(tmp_path / "ds", [samples[:3], samples[3:]])
+    loader = TrainLoader(data, tokenizer, batch_size=2, num_workers=num_workers, on_error="error")
+    with pytest.raises(DataError) as info:
+        take(loader, 10)
+    err = info.value
+    assert (err.shard.endswith("shard-000001.tar"), err.key, err.reason) == (True, "00000004", reason)
+    assert "Traceback" not in str(err)
+
+
+@pytest.mark.timeout(120)
+def test_error_policy_on_a_truncated_tar(tmp_path, tokenizer):
+    data = write_raw_dataset(tmp_path / "ds", [[good_members(k) for k in range(6)]])
+    truncate(data / "shard-000000.tar", 0.5)
+    with pytest.raises(DataError, match=r"shard-000000.tar: (unreadable tar|shard ends after \d+ samples, the manifest says 6)") as info:
+        take(TrainLoader(data, tokenizer, batch_size=2, on_error="error"), 10)
+    assert info.value.reason == "corrupt_tar"
+
+
+@pytest.mark.timeout(120)
+def test_all_bad_data_raises_instead_of_hanging(tmp_path, tokenizer):
+    data = write_raw_dataset(tmp_path / "ds", [[BAD_SAMPLES[2][1](good_members(k)) for k in range(4)]])
+    with pytest.raises(DataError, match="every sample of rank 0 worker 0's share of epoch 0 was bad"):
+        take(TrainLoader(data, tokenizer, batch_size=2, on_error="skip"), 1)
+
+
+def test_resume_keeps_skip_counts_exact(tmp_path, tokenizer):
+    data = bad_dataset(tmp_path / "bad")
+    kw = dict(batch_size=3, seed=2)
+    ref = TrainLoader(data, tokenizer, **kw)
+    full = [fingerprint(b) for b in take(ref, 9)]
+    first = TrainLoader(data, tokenizer, **kw)
+    head = [fingerprint(b) for b in take(first, 4)]
+    resumed = TrainLoader(data, tokenizer, **kw)
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.skipped == first.skipped
+    assert head + [fingerprint(b) for b in take(resumed, 5)] == full
+    assert resumed.skipped == ref.skipped
