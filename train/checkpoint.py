@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from train.errors import ConfigError
@@ -36,6 +37,20 @@ def _atomic_write(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    """Torch's CPU and CUDA generators: dropout draws from them, so an exact resume restores them."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 class CheckpointManager:
@@ -65,13 +80,16 @@ class CheckpointManager:
 
     # -- save / load -------------------------------------------------------------------------
     def save(self, engine, step: int, trainer_state: dict[str, Any], loader_state: dict[str, Any]) -> Path:
+        """All ranks call this. Rank-local state (loader position, RNG streams) goes into one file per rank."""
         tag = tag_for(step)
         path = self.dir / tag
         if self.rank == 0 and path.exists():  # a leftover of a crashed save of this same step
             shutil.rmtree(path)
         dist.barrier()
         engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False)
-        _atomic_write(path / f"loader-rank{self.rank:05d}.json", json.dumps(loader_state))
+        rank_file = path / f"rank{self.rank:05d}.pt"
+        torch.save({"loader": loader_state, "rng": rng_state()}, rank_file.with_suffix(".tmp"))
+        os.replace(rank_file.with_suffix(".tmp"), rank_file)
         dist.barrier()  # every rank's files are on disk before the marker
         if self.rank == 0:
             _atomic_write(path / TRAINER_STATE, json.dumps(trainer_state, indent=2))
@@ -82,16 +100,20 @@ class CheckpointManager:
         return path
 
     def load(self, engine, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Restores the engine (weights, optimizer, schedule) and this rank's RNG streams; returns
+        (trainer state, this rank's loader state)."""
         path = self.dir / tag
+        rank_file = path / f"rank{self.rank:05d}.pt"
+        if not rank_file.is_file():
+            raise ConfigError(f"{path} has no state for rank {self.rank}: resume with the world size it was "
+                              f"saved with")
         load_path, _ = engine.load_checkpoint(str(self.dir), tag=tag)
         if load_path is None:
             raise ConfigError(f"DeepSpeed could not load checkpoint {path}")
-        loader_file = path / f"loader-rank{self.rank:05d}.json"
-        if not loader_file.is_file():
-            raise ConfigError(f"{path} has no loader state for rank {self.rank}: resume with the world size "
-                              f"it was saved with")
+        rank_state = torch.load(rank_file, weights_only=False)
+        set_rng_state(rank_state["rng"])
         trainer_state = json.loads((path / TRAINER_STATE).read_text())
-        return trainer_state, json.loads(loader_file.read_text())
+        return trainer_state, rank_state["loader"]
 
     def _prune(self) -> None:
         """Keep the newest `keep_last` complete checkpoints; drop older ones and incomplete leftovers."""

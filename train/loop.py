@@ -34,6 +34,35 @@ def to_device(batch: dict, device: torch.device, float_dtype: torch.dtype) -> di
     return out
 
 
+def train_step(engine, objectives: Objectives, task: str, micro_batches, *, world: int, seed: int, step: int,
+               rank: int, device: torch.device, float_dtype: torch.dtype) -> tuple[float, int, int]:
+    """One optimizer step over `grad_accum` micro-batches; returns (mean loss, pairs, tokens+regions)."""
+    step_loss, pairs, tokens = 0.0, 0, 0
+    n = engine.gradient_accumulation_steps()
+    for micro in range(n):
+        batch = to_device(next(micro_batches), device, float_dtype)
+        loss = objectives(task, batch, mask_generator(device, seed, step, rank, micro))
+        # CMR's backward hands each rank its share of the global-batch gradient and DeepSpeed averages
+        # over ranks, so scale by the world size to get the sum. The other tasks are per-rank means,
+        # which DeepSpeed's average combines as they are.
+        engine.backward(loss * world if task == "cmr" else loss)
+        engine.step()
+        step_loss += loss.detach().float().item() / n
+        pairs += batch["input_ids"].shape[0]
+        tokens += int(batch["attention_mask"].sum() + batch["img_mask"].sum())
+    return step_loss, pairs, tokens
+
+
+def export_from_engine(engine, tokenizer, out_dir: Path, meta: dict, is_main: bool) -> None:
+    """Export the encoders; under ZeRO-3 every rank joins the gather of the partitioned weights."""
+    import deepspeed
+
+    params = list(engine.module.parameters()) if engine.zero_optimization_stage() == 3 else []
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=bool(params)):
+        if is_main:
+            export_dual_encoder(engine.module, tokenizer, out_dir, meta)
+
+
 def _precision_dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
@@ -107,21 +136,12 @@ def train(cfg: TrainConfig, resume: str | None = None) -> tuple[str, Path | None
         for step in range(start_step + 1, cfg.optim.max_steps + 1):
             t0 = time.perf_counter()
             task = sampler.task_for(step)
-            step_loss, pairs, tokens = 0.0, 0, 0
-            for micro in range(cfg.optim.grad_accum):
-                batch = to_device(next(batches), dist.device, float_dtype)
-                loss = objectives(task, batch, mask_generator(dist.device, cfg.seed, step, dist.rank, micro))
-                # CMR's backward hands each rank its share of the global-batch gradient and DeepSpeed
-                # averages over ranks, so scale by the world size to get the sum. The other tasks
-                # are per-rank means, which DeepSpeed's average combines as they are.
-                engine.backward(loss * world if task == "cmr" else loss)
-                engine.step()
-                step_loss += loss.detach().float().item() / cfg.optim.grad_accum
-                pairs += batch["input_ids"].shape[0]
-                tokens += int(batch["attention_mask"].sum() + batch["img_mask"].sum())
+            step_loss, pairs, tokens = train_step(engine, objectives, task, batches, world=world, seed=cfg.seed,
+                                                  step=step, rank=dist.rank, device=dist.device,
+                                                  float_dtype=float_dtype)
             dt = time.perf_counter() - t0
             grad_norm = engine.get_global_grad_norm()
-            scale = engine.module.contrastive.logit_scale()
+            scale = objectives.last_scale if task == "cmr" else None
             record = {f"loss/{task}": step_loss, "lr": engine.get_lr()[0],
                       "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                       "loss_scale": loss_scale(engine),
@@ -153,10 +173,10 @@ def train(cfg: TrainConfig, resume: str | None = None) -> tuple[str, Path | None
             tracker.finish(status)
 
     final = out / "checkpoints" / "final"
+    export_from_engine(engine, tokenizer, final,
+                       {"feature_dim": manifest.feature_dim, "max_text_len": cfg.data.max_text_len,
+                        "steps": cfg.optim.max_steps}, dist.is_main)
     if dist.is_main:
-        export_dual_encoder(engine.module, tokenizer, final,
-                            {"feature_dim": manifest.feature_dim, "max_text_len": cfg.data.max_text_len,
-                             "steps": cfg.optim.max_steps})
         tracker.write_info(final)
         dump_config(cfg, final / "config.yaml")
         tracker.set_tags({"ldot.checkpoint": str(final.resolve())})

@@ -95,6 +95,18 @@ class ProjectionHead(nn.Module):
         return self.net(x)
 
 
+class MLMHead(nn.Module):
+    """BERT's MLM head with the decoder tied to the word embeddings (passed in, owned by the text encoder)."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(config)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, hidden: torch.Tensor, word_weight: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(self.transform(hidden), word_weight, self.bias)
+
+
 class PretrainHeads(nn.Module):
     """VMLM (tied to the word embeddings), MRFR (regress the region feature), MRC-kl (class logits).
 
@@ -103,14 +115,18 @@ class PretrainHeads(nn.Module):
     def __init__(self, text_config: BertConfig, feature_dim: int, num_classes: int):
         super().__init__()
         h, eps = text_config.hidden_size, text_config.layer_norm_eps
-        self.mlm_transform = BertPredictionHeadTransform(text_config)
-        self.mlm_bias = nn.Parameter(torch.zeros(text_config.vocab_size))
+        self.mlm = MLMHead(text_config)
         self.mrfr = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.LayerNorm(h, eps=eps), nn.Linear(h, feature_dim))
         self.mrc = (nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.LayerNorm(h, eps=eps), nn.Linear(h, num_classes))
                     if num_classes else None)
 
-    def mlm_logits(self, hidden: torch.Tensor, word_embeddings: nn.Embedding) -> torch.Tensor:
-        return nn.functional.linear(self.mlm_transform(hidden), word_embeddings.weight, self.mlm_bias)
+
+def tie_mlm_decoder(heads: PretrainHeads, text: BertModel) -> None:
+    """The MLM decoder reads the word embeddings outside their module's forward: under ZeRO-3 that
+    weight must be registered as an external parameter of the head so it is gathered there."""
+    import deepspeed
+
+    deepspeed.zero.register_external_parameter(heads.mlm, text.embeddings.word_embeddings.weight)
 
 
 class DualEncoder(nn.Module):
@@ -118,12 +134,24 @@ class DualEncoder(nn.Module):
                  contrastive: ContrastiveLoss, pretrain_heads: PretrainHeads | None = None):
         super().__init__()
         self.pretrain_heads = pretrain_heads
+        if pretrain_heads is not None:
+            tie_mlm_decoder(pretrain_heads, text)
         self.text, self.image = text, image
         h = text.config.hidden_size
         self.text_proj = ProjectionHead(h) if projection else nn.Identity()
         self.image_proj = ProjectionHead(h) if projection else nn.Identity()
         self.normalize = normalize
-        self.contrastive = contrastive  # owns the (learnable) logit scale, so the engine optimizes it
+        self.set_contrastive(contrastive)
+
+    def set_contrastive(self, contrastive: ContrastiveLoss) -> None:
+        """The loss module owns the (learnable) logit scale, so the engine optimizes it. Its forward is
+        never called (the trainer calls the cross-rank loss), so under ZeRO-3 its parameter is gathered
+        as an external parameter of this module's forward, which reads it."""
+        import deepspeed
+
+        self.contrastive = contrastive
+        for p in contrastive.parameters():
+            deepspeed.zero.register_external_parameter(self, p)
 
     @property
     def embed_dim(self) -> int:
@@ -147,7 +175,9 @@ class DualEncoder(nn.Module):
         return self._finish(self.image_proj(self.image_states(img_feat, img_pos, img_mask)[:, 0]))
 
     def forward(self, input_ids, attention_mask, img_feat, img_pos, img_mask):
-        return self.encode_text(input_ids, attention_mask), self.encode_image(img_feat, img_pos, img_mask)
+        """(text embeddings, image embeddings, logit scale or None) for the contrastive loss."""
+        return (self.encode_text(input_ids, attention_mask), self.encode_image(img_feat, img_pos, img_mask),
+                self.contrastive.logit_scale())
 
 
 def build_dual_encoder(model_cfg: ModelConfig, loss_cfg: LossConfig, feature_dim: int, *,
@@ -161,9 +191,10 @@ def build_dual_encoder(model_cfg: ModelConfig, loss_cfg: LossConfig, feature_dim
             raise ConfigError(f"model.init_from={model_cfg.init_from} was trained on {meta['feature_dim']}-d "
                               f"features, the data has {feature_dim}")
         model.normalize = loss_cfg.normalize
-        model.contrastive = ContrastiveLoss(loss_cfg.scale, loss_cfg.init_scale, impl=loss_cfg.impl)
+        model.set_contrastive(ContrastiveLoss(loss_cfg.scale, loss_cfg.init_scale, impl=loss_cfg.impl))
         if pretrain:
             model.pretrain_heads = PretrainHeads(model.text.config, feature_dim, num_classes)
+            tie_mlm_decoder(model.pretrain_heads, model.text)
         return tokenizer, model.train()
     path = resolve_text_encoder(model_cfg.text_encoder)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -176,7 +207,7 @@ def build_dual_encoder(model_cfg: ModelConfig, loss_cfg: LossConfig, feature_dim
         intermediate_size=tc.intermediate_size, hidden_act=tc.hidden_act,
         num_hidden_layers=model_cfg.image_layers, layer_norm_eps=tc.layer_norm_eps,
         hidden_dropout_prob=model_cfg.dropout, attention_probs_dropout_prob=model_cfg.dropout,
-        feature_dim=feature_dim, vocab_size=1,
+        initializer_range=tc.initializer_range, feature_dim=feature_dim, vocab_size=1,
     )
     image = ImageEncoder(image_cfg)
     if model_cfg.init_image_from_text:

@@ -72,6 +72,7 @@ def mask_regions(img_mask, *, prob: float, g: torch.Generator) -> torch.Tensor:
 class Objectives:
     def __init__(self, model: DualEncoder, tokenizer, *, mask_prob: float = 0.15):
         self.model, self.mask_prob = model, mask_prob
+        self.last_scale: torch.Tensor | None = None  # the logit scale of the last CMR step, for logging
         self.mask_id, self.vocab_size = tokenizer.mask_token_id, len(tokenizer)
         self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)))
 
@@ -81,10 +82,11 @@ class Objectives:
     def cmr(self, batch: dict, g=None) -> torch.Tensor:
         """Contrastive loss over the global batch: every rank's texts against every rank's images."""
         m = self.model
-        text, image = m(batch["input_ids"], batch["attention_mask"], batch["img_feat"], batch["img_pos"],
-                        batch["img_mask"])
-        return kernels.global_contrastive_loss(text, image, m.contrastive.logit_scale(),
-                                               group_ids=batch["group_ids"], impl=m.contrastive.impl)
+        text, image, scale = m(batch["input_ids"], batch["attention_mask"], batch["img_feat"], batch["img_pos"],
+                               batch["img_mask"])
+        self.last_scale = None if scale is None else scale.detach()
+        return kernels.global_contrastive_loss(text, image, scale, group_ids=batch["group_ids"],
+                                               impl=m.contrastive.impl)
 
     def vmlm(self, batch: dict, g: torch.Generator) -> torch.Tensor:
         """Masked words predicted from z_m + h_0 (masked text states plus the image's [CLS])."""
@@ -95,7 +97,7 @@ class Objectives:
         z_m = m.text_states(ids, batch["attention_mask"])
         h_0 = m.image_states(batch["img_feat"], batch["img_pos"], batch["img_mask"])[:, :1]
         chosen = labels != IGNORE
-        logits = m.pretrain_heads.mlm_logits((z_m + h_0)[chosen], m.text.embeddings.word_embeddings)
+        logits = m.pretrain_heads.mlm((z_m + h_0)[chosen], m.text.embeddings.word_embeddings.weight)
         return F.cross_entropy(logits.float(), labels[chosen])
 
     def _smrm(self, batch: dict, g: torch.Generator):

@@ -19,7 +19,7 @@ def test_shapes_padding_and_export_round_trip(tmp_path):
                                     LossConfig(scale="learnable", normalize=True), feature_dim=24)
     model.eval()
     ids, am, feat, pos, mask = _inputs(tok)
-    t, i = model(ids, am, feat, pos, mask)
+    t, i, _ = model(ids, am, feat, pos, mask)
     assert t.shape == i.shape == (2, model.embed_dim)
     torch.testing.assert_close(t.norm(dim=-1), torch.ones(2))
     # padded regions must not change the image embedding
@@ -30,7 +30,7 @@ def test_shapes_padding_and_export_round_trip(tmp_path):
         model.contrastive.log_scale.fill_(2.5)
     export_dual_encoder(model, tok, tmp_path / "ckpt", {"feature_dim": 24})
     tok2, model2, meta = load_dual_encoder(tmp_path / "ckpt")
-    t2, i2 = model2(ids, am, feat, pos, mask)
+    t2, i2, _ = model2(ids, am, feat, pos, mask)
     torch.testing.assert_close(t2, t)
     torch.testing.assert_close(i2, i)
     assert float(model2.contrastive.log_scale) == 2.5 and meta["feature_dim"] == 24
