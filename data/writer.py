@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 import os
 import shlex
 import sys
@@ -23,44 +24,69 @@ def command_line() -> str:
     return shlex.join(argv)
 
 
+PROGRESS = "progress.json"
+
+
 class DatasetWriter:
     """Validated samples in, shards + manifest out; verified by reading everything back on close.
 
     Keys are the running sample index (``%08d``) unless given. A sample that breaks the schema raises
     DataError before anything of it is written.
+
+    Resumable (``resumable=True``): each time a shard is complete, ``progress.json`` records the finished
+    shards and the caller's position (``write(..., position=...)`` of the first sample not in them). A
+    later writer on the same directory with the same ``fingerprint`` keeps those shards, drops the
+    unfinished one and exposes ``resume_position`` so the caller continues from there.
     """
 
     def __init__(self, out_dir: str | os.PathLike, *, feature_dim: int, class_dim: int | None = None,
                  source: str, split: str | None = None, command: str | None = None, shard_size: int = 1000,
-                 max_shard_bytes: float = 1e9, extra: dict | None = None, overwrite: bool = False, verify: bool = True):
+                 max_shard_bytes: float = 1e9, extra: dict | None = None, overwrite: bool = False, verify: bool = True,
+                 resumable: bool = False, fingerprint: str = ""):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        existing = sorted(self.out_dir.glob(schema.SHARD_GLOB)) + sorted(self.out_dir.glob(schema.MANIFEST))
-        if existing:
-            if not overwrite:
-                raise DataError(f"already holds a dataset ({existing[0].name}); pass overwrite to replace it",
-                                shard=str(self.out_dir))
-            for p in existing:
-                p.unlink()
+        self.resumable, self.fingerprint = resumable, fingerprint
+        self.resume_position = None  # the caller's position after the kept shards, when resuming
+        kept: list[dict] = []
+        progress_path = self.out_dir / PROGRESS
+        if resumable and progress_path.is_file() and not (self.out_dir / schema.MANIFEST).exists() and not overwrite:
+            progress = json.loads(progress_path.read_text())
+            if progress.get("fingerprint") != fingerprint:
+                raise DataError("holds an unfinished conversion with other options; rerun it with the same options to "
+                                "resume, or pass overwrite to start again", shard=str(self.out_dir))
+            kept = progress["shards"]
+            self.resume_position = progress["position"]
+        if (self.out_dir / schema.MANIFEST).exists() and not overwrite:
+            raise DataError(f"already holds a dataset ({schema.MANIFEST}); pass overwrite to replace it",
+                            shard=str(self.out_dir))
+        # Shards without a manifest are an unfinished write: what progress.json does not vouch for is redone.
+        keep = {k["name"] for k in kept}
+        stale = [p for p in sorted(self.out_dir.glob(schema.SHARD_GLOB)) if p.name not in keep]
+        stale += [p for p in (self.out_dir / schema.MANIFEST, progress_path) if p.exists() and not kept]
+        for p in stale:
+            p.unlink()
         self.manifest = schema.Manifest(feature_dim=feature_dim, class_dim=class_dim, shards=[], source=source,
                                         split=split, command=command if command is not None else command_line(),
                                         extra=dict(extra or {}))
         self.verify = verify
-        self._samples: collections.Counter[str] = collections.Counter()
-        self._captions: collections.Counter[str] = collections.Counter()
-        self._thumbs = 0
-        self._regions: list[int] = []
+        self._samples: collections.Counter[str] = collections.Counter({k["name"]: k["samples"] for k in kept})
+        self._captions: collections.Counter[str] = collections.Counter({k["name"]: k["captions"] for k in kept})
+        self._thumbs = sum(k["thumbs"] for k in kept)
+        self._shard_thumbs: collections.Counter[str] = collections.Counter({k["name"]: k["thumbs"] for k in kept})
+        self._shard_regions: dict[str, list[int]] = {k["name"]: [k["min_regions"], k["max_regions"]] for k in kept}
         self._keys: set[str] = set()
+        self._position = None
         # mtime fixed so the same input gives byte-identical shards.
         self._sink = wds.ShardWriter(str(self.out_dir / schema.SHARD_PATTERN), maxcount=shard_size,
-                                     maxsize=max_shard_bytes, verbose=0, mtime=0)
+                                     maxsize=max_shard_bytes, verbose=0, mtime=0, start_shard=len(kept),
+                                     post=self._shard_done if resumable else None)
         self._closed = False
 
     def __len__(self) -> int:
         return sum(self._samples.values())
 
     def write(self, feat: np.ndarray, box: np.ndarray, meta: dict, *, cls: np.ndarray | None = None,
-              thumb: bytes | None = None, key: str | None = None) -> str:
+              thumb: bytes | None = None, key: str | None = None, position=None) -> str:
         key = key if key is not None else f"{len(self):08d}"
         if not schema.valid_key(key) or key in self._keys:
             raise DataError(f"invalid or duplicate sample key {key!r}", shard=str(self.out_dir), key=key)
@@ -72,28 +98,45 @@ class DatasetWriter:
             raise DataError("; ".join(p for _, p in problems), shard=str(self.out_dir), key=key, reason=problems[0][0])
         if thumb is not None:
             sample[schema.THUMB] = bytes(thumb)  # already JPEG
+        self._position = position  # where the caller resumes if this sample starts a new shard
         self._sink.write(sample)
         name = Path(self._sink.fname).name
         self._samples[name] += 1
         self._captions[name] += len(meta["captions"])
         self._thumbs += thumb is not None
-        self._regions.append(int(feat.shape[0]))
+        self._shard_thumbs[name] += thumb is not None
+        r = self._shard_regions.setdefault(name, [int(feat.shape[0])] * 2)
+        r[:] = [min(r[0], feat.shape[0]), max(r[1], feat.shape[0])]
         self._keys.add(key)
         return key
+
+    def _shard_done(self, fname: str) -> None:
+        """ShardWriter's post hook: a shard is complete, so it and the caller's position become durable."""
+        if self._closed:
+            return  # the last shard: the manifest takes over from the progress file
+        done = [{"name": n, "samples": self._samples[n], "captions": self._captions[n], "thumbs": self._shard_thumbs[n],
+                 "min_regions": self._shard_regions[n][0], "max_regions": self._shard_regions[n][1]}
+                for n in sorted(self._samples)]
+        progress = {"fingerprint": self.fingerprint, "shards": done, "position": self._position}
+        tmp = self.out_dir / (PROGRESS + ".tmp")
+        tmp.write_text(json.dumps(progress))
+        os.replace(tmp, self.out_dir / PROGRESS)
 
     def close(self) -> schema.Manifest:
         """Finish the last shard, write the manifest and verify every sample against it."""
         if self._closed:
             return self.manifest
-        self._sink.close()
         self._closed = True
+        self._sink.close()
         if not len(self):
             raise DataError("no samples were written", shard=str(self.out_dir))
         m = self.manifest
         m.shards = [schema.ShardInfo(name, self._samples[name], self._captions[name]) for name in sorted(self._samples)]
         m.has_thumbnails = self._thumbs == len(self)
-        m.min_regions, m.max_regions = min(self._regions), max(self._regions)
+        m.min_regions = min(r[0] for r in self._shard_regions.values())
+        m.max_regions = max(r[1] for r in self._shard_regions.values())
         schema.write_manifest(self.out_dir, m)
+        (self.out_dir / PROGRESS).unlink(missing_ok=True)
         if self.verify:
             from data.validate import check_dataset  # late: validate imports this module's siblings only
 
@@ -105,8 +148,8 @@ class DatasetWriter:
     def abort(self) -> None:
         """Close without a manifest: the directory is then visibly not a dataset."""
         if not self._closed:
+            self._closed = True  # the unfinished last shard stays out of progress.json
             self._sink.close()
-            self._closed = True
 
     def __enter__(self) -> "DatasetWriter":
         return self
