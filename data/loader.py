@@ -22,8 +22,12 @@ How a training epoch is shared out (the "epoch plan"):
 
 Stages inside a slot (webdataset's own where they fit): epoch plan → tar read (`wds.tarfile_samples`) →
 `wds.shuffle` → decode (`wds.autodecode.Decoder` via `wds.map`) → validate (`wds.map`, bad samples go to
-the `error`/`skip` policy) → drop replayed (`wds.select`) → caption choice → `wds.batched` + collate
-(tokenize, pad regions, masks).
+the `error`/`skip` policy) → drop replayed (`wds.select`) → caption choice, tokenization, optional
+VMLM/SMRM masks (`wds.map`; seeded by (seed, epoch, image)) → `wds.batched` for a fixed number of pairs,
+or token-budget bucketing (data/batching.py) → collate (pad text and regions, masks).
+
+With a token budget the resume point of a batch is the start of its bucket buffer plus how many of that
+buffer's batches were delivered; the buffer is rebuilt on resume and those batches are passed over.
 """
 
 from __future__ import annotations
@@ -42,7 +46,9 @@ import webdataset as wds
 from webdataset.utils import make_seed
 
 from data import schema
+from data.batching import bucketed, collate_images, collate_train
 from data.errors import DataError
+from data.masking import WordMasker, mask_regions
 from data.reader import ErrorPolicy, read_shard
 
 STATE_VERSION = 1
@@ -98,28 +104,6 @@ def tokenize(tokenizer, texts: list[str], max_text_len: int) -> dict[str, torch.
     return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
 
 
-def collate_images(samples: list[dict], with_cls: bool = False) -> dict[str, torch.Tensor]:
-    """Pad a list of decoded samples to the largest region count; img_mask marks real regions."""
-    n = max(s[schema.FEAT].shape[0] for s in samples)
-    d = samples[0][schema.FEAT].shape[1]
-    b = len(samples)
-    feat = np.zeros((b, n, d), np.float32)
-    pos = np.zeros((b, n, 7), np.float32)
-    mask = np.zeros((b, n), np.int64)
-    cls = np.zeros((b, n, samples[0][schema.CLS].shape[1]), np.float32) if with_cls else None
-    for i, s in enumerate(samples):
-        k = s[schema.FEAT].shape[0]
-        feat[i, :k] = s[schema.FEAT]
-        pos[i, :k] = schema.region_positions(s[schema.BOX])
-        mask[i, :k] = 1
-        if with_cls:
-            cls[i, :k] = s[schema.CLS]
-    out = {"img_feat": torch.from_numpy(feat), "img_pos": torch.from_numpy(pos), "img_mask": torch.from_numpy(mask)}
-    if with_cls:
-        out["img_cls"] = torch.from_numpy(cls)
-    return out
-
-
 # ------------------------------------------------------------------------------------------- one slot
 
 
@@ -138,10 +122,16 @@ class _SlotConfig:
     shuffle_buffer: int
     on_error: str
     with_cls: bool
+    token_budget: int | None
+    bucket_buffer: int
+    mask_words: bool
+    mask_regions: bool
 
 
 def fresh_slot_state() -> dict:
-    return {"epoch": 0, "offset": 0, "skipped": {}, "epoch_skipped": {}}
+    # offset: samples of the epoch's share consumed (fixed batches) or passed before the current bucket buffer
+    # (token budget), whose first `emitted` batches are delivered.
+    return {"epoch": 0, "offset": 0, "skipped": {}, "epoch_skipped": {}, "emitted": 0}
 
 
 class _SlotStream(torch.utils.data.IterableDataset):
@@ -205,29 +195,52 @@ class _SlotStream(torch.utils.data.IterableDataset):
             epoch, pos, _ = sample["__pos__"]
             return (epoch, pos) > (start["epoch"], start["offset"])
 
-        def choose_caption(sample: dict) -> dict:
-            epoch = sample["__pos__"][0]
+        masker = WordMasker(self.tokenizer) if cfg.mask_words else None
+        pad_id = self.tokenizer.pad_token_id
+
+        def prepare(sample: dict) -> dict:
+            """Caption choice, tokenization, masks: functions of (seed, epoch, image), not of position or worker."""
+            rng = random.Random(make_seed(cfg.seed, sample["__pos__"][0], sample["__index__"]))
             caps = sample[schema.META]["captions"]
-            # A function of (seed, epoch, image), not of position: the same caption whatever the worker count.
-            sample["__caption__"] = caps[random.Random(make_seed(cfg.seed, epoch, sample["__index__"])).randrange(len(caps))]
+            caption = caps[rng.randrange(len(caps))]
+            sample["__ids__"] = self.tokenizer(caption, truncation=True, max_length=cfg.max_text_len)["input_ids"]
+            if masker is not None:
+                sample["__mlm__"] = masker(sample["__ids__"], rng)
+            if cfg.mask_regions:
+                sample["__mrm__"] = mask_regions(sample[schema.FEAT].shape[0], rng)
             return sample
 
-        def collate(samples: list[dict]) -> dict:
-            batch = tokenize(self.tokenizer, [s["__caption__"] for s in samples], cfg.max_text_len)
-            batch.update(collate_images(samples, cfg.with_cls))
-            batch["group_ids"] = torch.tensor([s["__index__"] for s in samples], dtype=torch.int64)
-            batch["image_id"] = [s[schema.META]["image_id"] for s in samples]
-            batch["__state__"] = samples[-1]["__state__"]
+        def fixed_batch(samples: list[dict]) -> dict:
+            batch = collate_train(samples, pad_id, cfg.with_cls)
+            batch["__state__"] = dict(samples[-1]["__state__"], emitted=0)
             return batch
 
-        pipeline = wds.DataPipeline(
+        def budget_batch(item) -> dict:
+            samples, first, last, j = item
+            batch = collate_train(samples, pad_id, cfg.with_cls)
+            epoch, pos, epoch_skipped = first["__pos__"]
+            # Resume point: just before the buffer, plus how many of its batches are out.
+            batch["__state__"] = {"epoch": epoch, "offset": pos - 1, "epoch_skipped": epoch_skipped, "emitted": j + 1,
+                                  "skipped": last["__state__"]["skipped"]}
+            return batch
+
+        stages = [
             raw_samples,
             wds.map(schema.decode_sample, handler=policy),
             wds.map(validated, handler=policy),
             wds.select(not_replayed),
-            wds.map(choose_caption),
-            wds.batched(cfg.batch_size, collation_fn=collate, partial=False),
-        )
+            wds.map(prepare),
+        ]
+        if cfg.token_budget is None:
+            stages.append(wds.batched(cfg.batch_size, collation_fn=fixed_batch, partial=False))
+        else:
+            def rng_for(first: dict) -> random.Random:
+                return random.Random(make_seed(cfg.seed, *first["__pos__"][:2], slot, 0xB0C))
+
+            stages += [lambda src: bucketed(src, budget=cfg.token_budget, buffer=cfg.bucket_buffer, rng_for=rng_for,
+                                            skip_first=start.get("emitted", 0)),
+                       wds.map(budget_batch)]
+        pipeline = wds.DataPipeline(*stages)
         yield from pipeline
 
 
@@ -239,17 +252,26 @@ class TrainLoader:
 
     Batch (torch tensors): input_ids / attention_mask [B, L] int64 (one random caption per image per
     epoch), img_feat [B, N, D] float32, img_pos [B, N, 7] float32 (x1,y1,x2,y2,w,h,area), img_mask [B, N]
-    int64 (1 = real region), group_ids [B] int64 (the image's index in the dataset), image_id list[str];
-    img_cls [B, N, C] float32 too when ``with_cls``.
+    int64 (1 = real region), group_ids [B] int64 (the image's index in the dataset), image_id list[str].
+    Optional keys: img_cls [B, N, C] float32 (``with_cls``); mlm_input_ids / mlm_labels [B, L] int64
+    (``mask_words``: VMLM input and targets, -100 where nothing is predicted); mrm_mask [B, N] int64
+    (``mask_regions``: 1 = region to zero and predict).
+
+    Batching: ``batch_size`` pairs, or (``batch_size=None, token_budget=T``) as many as fit in T padded
+    tokens + regions, length-bucketed over ``bucket_buffer`` samples; batch sizes then vary per step and
+    per rank (the number of batches per step stays equal: one).
     """
 
-    def __init__(self, data_dir, tokenizer, *, batch_size: int, max_text_len: int = 32, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, num_workers: int = 0, on_error: str = "skip", shuffle_buffer: int = 256,
-                 with_cls: bool = False):
+    def __init__(self, data_dir, tokenizer, *, batch_size: int | None, max_text_len: int = 32, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, num_workers: int = 0, on_error: str = "skip",
+                 shuffle_buffer: int = 256, with_cls: bool = False, token_budget: int | None = None,
+                 bucket_buffer: int = 512, mask_words: bool = False, mask_regions: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, not {batch_size}")
+        if (batch_size is None) == (token_budget is None):
+            raise ValueError("give exactly one of batch_size and token_budget")
+        if (batch_size or token_budget) < 1:
+            raise ValueError(f"batch_size / token_budget must be positive, not {batch_size or token_budget}")
         self.data_dir = Path(data_dir)
         self.manifest = schema.read_manifest(self.data_dir)
         if with_cls and self.manifest.class_dim is None:
@@ -260,7 +282,8 @@ class TrainLoader:
             paths=schema.shard_paths(self.data_dir, self.manifest), counts=[s.samples for s in self.manifest.shards],
             feature_dim=self.manifest.feature_dim, class_dim=self.manifest.class_dim, seed=seed, rank=rank,
             world_size=world_size, num_workers=num_workers, batch_size=batch_size, max_text_len=max_text_len,
-            shuffle_buffer=shuffle_buffer, on_error=on_error, with_cls=with_cls)
+            shuffle_buffer=shuffle_buffer, on_error=on_error, with_cls=with_cls, token_budget=token_budget,
+            bucket_buffer=bucket_buffer, mask_words=mask_words, mask_regions=mask_regions)
         ErrorPolicy(on_error)  # validates the policy name now, not in a worker
         self.plan = EpochPlan(self.cfg.paths, self.cfg.counts, seed, world_size * max(1, num_workers))
         self._slots = [fresh_slot_state() for _ in range(max(1, num_workers))]
@@ -271,8 +294,11 @@ class TrainLoader:
         return self.plan.num_samples
 
     @property
-    def batches_per_epoch(self) -> int:
-        """Batches this rank yields per epoch of its share (nominal: skipped samples shorten it)."""
+    def batches_per_epoch(self) -> int | None:
+        """Batches this rank yields per epoch of its share (nominal: skipped samples shorten it); None with a
+        token budget, where it depends on the lengths drawn."""
+        if self.cfg.batch_size is None:
+            return None
         nw = max(1, self.cfg.num_workers)
         return sum(self.plan.slot_size(self.cfg.rank * nw + w) for w in range(nw)) // self.cfg.batch_size
 
@@ -309,17 +335,19 @@ class TrainLoader:
 
     def state_dict(self) -> dict:
         """Position of this rank's stream after the last batch yielded; save it with the checkpoint."""
-        c = self.cfg
         return {"version": STATE_VERSION, "batches": self._batches, "slots": copy.deepcopy(self._slots),
-                "seed": c.seed, "rank": c.rank, "world_size": c.world_size, "num_workers": c.num_workers,
-                "batch_size": c.batch_size, "num_samples": self.num_samples,
+                **self._layout()}
+
+    def _layout(self) -> dict:
+        """What must not change between save and resume for the batch sequence to be the same."""
+        c = self.cfg
+        return {"seed": c.seed, "rank": c.rank, "world_size": c.world_size, "num_workers": c.num_workers,
+                "batch_size": c.batch_size, "token_budget": c.token_budget, "bucket_buffer": c.bucket_buffer,
+                "shuffle_buffer": c.shuffle_buffer, "num_samples": self.num_samples,
                 "shards": [os.path.basename(p) for p in c.paths]}
 
     def load_state_dict(self, state: dict) -> None:
-        c = self.cfg
-        mine = {"version": STATE_VERSION, "seed": c.seed, "rank": c.rank, "world_size": c.world_size,
-                "num_workers": c.num_workers, "batch_size": c.batch_size, "num_samples": self.num_samples,
-                "shards": [os.path.basename(p) for p in c.paths]}
+        mine = {"version": STATE_VERSION, **self._layout()}
         diff = [f"{k} {state.get(k)!r} (this loader: {v!r})" for k, v in mine.items() if state.get(k) != v]
         if diff:
             raise DataError("loader state does not fit this loader, exact resume impossible: " + "; ".join(diff),
