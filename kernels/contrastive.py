@@ -65,11 +65,9 @@ class _BidirectionalLoss(torch.autograd.Function):
     def forward(ctx, text, image, scale, group_ids, backend):
         n = text.shape[0]
         s = _scale32(scale)
-        lse_t = backend.row_lse(text, image, s, ga=group_ids, gb=group_ids)
-        lse_i = backend.row_lse(image, text, s, ga=group_ids, gb=group_ids)
-        pos_sum = (text.float() * image.float()).sum()  # raw positives, unscaled
-        pos_logits = pos_sum if s is None else s * pos_sum
-        loss = (lse_t.sum() + lse_i.sum() - 2.0 * pos_logits) / (2 * n)
+        lse_t, pos_t = backend.row_lse(text, image, s, ga=group_ids, gb=group_ids, with_pos=True)
+        lse_i, pos_i = backend.row_lse(image, text, s, ga=group_ids, gb=group_ids, with_pos=True)
+        loss = ((lse_t - pos_t).sum() + (lse_i - pos_i).sum()) / (2 * n)
         ctx.save_for_backward(text, image, scale, group_ids, lse_t, lse_i)
         ctx.backend = backend
         return loss
@@ -105,21 +103,18 @@ class _OneWayLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, b, scale, ga, gb, offset, backend):
-        m = a.shape[0]
         s = _scale32(scale)
-        lse = backend.row_lse(a, b, s, ga=ga, gb=gb, diag_offset=offset)
-        pos_sum = (a.float() * b[offset : offset + m].float()).sum()
-        pos_logits = pos_sum if s is None else s * pos_sum
+        lse, pos = backend.row_lse(a, b, s, ga=ga, gb=gb, diag_offset=offset, with_pos=True)
         ctx.save_for_backward(a, b, scale, ga, gb, lse)
         ctx.offset, ctx.backend = offset, backend
-        return lse.sum() - pos_logits
+        return (lse - pos).sum()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         a, b, scale, ga, gb, lse = ctx.saved_tensors
         need_a, need_b, need_s = ctx.needs_input_grad[:3]
-        off, m = ctx.offset, a.shape[0]
+        off = ctx.offset
         s = _scale32(scale)
         k = grad_out.float()
         ks = k if s is None else k * s

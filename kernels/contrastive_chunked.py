@@ -43,13 +43,24 @@ def row_lse(
     ga: torch.Tensor | None = None,
     gb: torch.Tensor | None = None,
     diag_offset: int = 0,
-) -> torch.Tensor:
-    """``logsumexp_j S[i, j]`` over the non-excluded entries, float32 ``[len(a)]``."""
+    with_pos: bool = False,
+):
+    """``logsumexp_j S[i, j]`` over the non-excluded entries, float32 ``[len(a)]``.
+
+    With ``with_pos``, also the positives' logits ``S[i, i + diag_offset]`` taken from the same
+    computed logits (so that ``lse - pos`` carries one rounding of S), as ``(lse, pos)``.
+    """
     a32, b32 = a.float(), b.float()
-    out = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
+    lse = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
+    pos = torch.zeros(a.shape[0], dtype=torch.float32, device=a.device)
     for start, stop in _chunks(a.shape[0], b.shape[0]):
-        out[start:stop] = torch.logsumexp(_logits(a32, b32, scale, ga, gb, diag_offset, start, stop), dim=1)
-    return out
+        s = _logits(a32, b32, scale, ga, gb, diag_offset, start, stop)
+        lse[start:stop] = torch.logsumexp(s, dim=1)
+        if with_pos:
+            own = torch.arange(start, stop, device=a.device) + diag_offset
+            inside = (own >= 0) & (own < b.shape[0])
+            pos[start:stop][inside] = s[torch.arange(stop - start, device=a.device)[inside], own[inside]]
+    return (lse, pos) if with_pos else lse
 
 
 def row_grad(
