@@ -25,3 +25,16 @@ def tiny_text_encoder(tmp_path_factory):
     BertModel(cfg, add_pooling_layer=False).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory):
+    """Real `python -m data synth` output (EfficientNet-lite0 features): 64 train and 24 test images."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("shards")
+    proc = subprocess.run([sys.executable, "-m", "data", "synth", "--out", str(out), "--images", "64",
+                           "--test-images", "24", "--seed", "1"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out

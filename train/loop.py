@@ -71,12 +71,12 @@ def _tracker(cfg: TrainConfig, out: Path, dist: DistInfo, resuming: bool) -> Tra
     """Rank 0 owns the run; a resumed job continues the run it started."""
     run_file = out / RUN_FILE
     if resuming and dist.is_main and run_file.is_file():
-        tracker = Tracker.attach(json.loads(run_file.read_text()))
+        tracker = Tracker.attach(json.loads(run_file.read_text()), autoflush=not cfg.checkpoint.every_steps)
         tracker.set_status("RUNNING")
         tracker.set_tags(slurm_tags())
         return tracker
     tracker = Tracker(resolve_tracking_uri(cfg.tracking.tracking_uri, out), cfg.tracking.experiment,
-                      enabled=dist.is_main)
+                      enabled=dist.is_main, autoflush=not cfg.checkpoint.every_steps)
     tracker.start(cfg.tracking.run_name, tags={**git_state(), **slurm_tags(), "ldot.task": cfg.task})
     return tracker
 
@@ -111,6 +111,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> tuple[str, Path | None
         log.info("resumed from %s at step %d", checkpoints.dir / tag, start_step)
 
     tracker = _tracker(cfg, out, dist, resuming=tag is not None)
+    if tag is not None:
+        tracker.replay(trainer_state.get("records", []))
     if tag is None:
         tracker.log_params({**flatten(to_dict(cfg)), "world_size": dist.world_size,
                             "zero_stage": ds_config["zero_optimization"].get("stage", 0),
@@ -121,7 +123,10 @@ def train(cfg: TrainConfig, resume: str | None = None) -> tuple[str, Path | None
         tracker.log_artifact(out / "config.yaml")
 
     def save(step: int) -> Path:
-        return checkpoints.save(engine, step, {"step": step, "config": to_dict(cfg)}, loader.state_dict())
+        # The step records since the last checkpoint travel with it: a crash after the save but before
+        # they reach MLflow is mended by the replay on resume.
+        state = {"step": step, "config": to_dict(cfg), "records": tracker.pending()}
+        return checkpoints.save(engine, step, state, loader.state_dict())
 
     objectives = Objectives(engine.module, tokenizer, mask_prob=cfg.pretrain.mask_prob)
     sampler = TaskSampler(ratios, cfg.seed)
@@ -154,15 +159,17 @@ def train(cfg: TrainConfig, resume: str | None = None) -> tuple[str, Path | None
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}")
             bar.update()
             every = cfg.checkpoint.every_steps
+            # Metrics are sent after the checkpoint that covers them: a crash before it loses them with
+            # the steps, which the resumed run retrains and records once; a crash after it is mended
+            # by the replay of the records the checkpoint holds.
             if preemption.any_rank_requested():
-                tracker.flush()
                 path = save(step)
                 tracker.finish("KILLED")
                 log.warning("preempted: checkpoint %s written at step %d", path, step)
                 return "preempted", path
             if every and (step % every == 0 or step == cfg.optim.max_steps):
-                tracker.flush()
                 save(step)
+                tracker.flush()
         status = "FINISHED"
     finally:
         bar.close()

@@ -220,7 +220,7 @@ def build_dual_encoder(model_cfg: ModelConfig, loss_cfg: LossConfig, feature_dim
     model = DualEncoder(text, image, projection=model_cfg.projection, normalize=loss_cfg.normalize,
                         contrastive=ContrastiveLoss(loss_cfg.scale, loss_cfg.init_scale, impl=loss_cfg.impl),
                         pretrain_heads=heads)
-    return tokenizer, model
+    return tokenizer, model.train()  # from_pretrained hands back the text encoder in eval mode
 
 
 # --------------------------------------------------------------------------------------------

@@ -44,8 +44,10 @@ def slurm_tags() -> dict[str, str]:
 
 
 class Tracker:
-    def __init__(self, tracking_uri: str, experiment: str, *, enabled: bool = True):
-        self.enabled = enabled
+    def __init__(self, tracking_uri: str, experiment: str, *, enabled: bool = True, autoflush: bool = True):
+        """autoflush=False holds metrics until flush(): the trainer flushes right after each checkpoint,
+        so the record never holds a step that a resume would train again."""
+        self.enabled, self.autoflush = enabled, autoflush
         self.tracking_uri, self.experiment = tracking_uri, experiment
         self.run_id: str | None = None
         self._buffer: list = []
@@ -65,9 +67,9 @@ class Tracker:
         return self.run_id
 
     @classmethod
-    def attach(cls, info: dict) -> "Tracker":
+    def attach(cls, info: dict, autoflush: bool = True) -> "Tracker":
         """Continue an existing run (e.g. eval logging into the run that trained the checkpoint)."""
-        tracker = cls(info["tracking_uri"], info["experiment"])
+        tracker = cls(info["tracking_uri"], info["experiment"], autoflush=autoflush)
         tracker.run_id = info["run_id"]
         return tracker
 
@@ -110,7 +112,20 @@ class Tracker:
 
         now = int(time.time() * 1000)
         self._buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
-        if len(self._buffer) >= _BATCH:
+        if self.autoflush and len(self._buffer) >= _BATCH:
+            self.flush()
+
+    def pending(self) -> list[list]:
+        """Records not yet sent, as [key, value, timestamp, step] rows (stored in each checkpoint)."""
+        return [[m.key, m.value, m.timestamp, m.step] for m in self._buffer]
+
+    def replay(self, rows: list[list]) -> None:
+        """Send records saved in a checkpoint. The store ignores exact duplicates, so rows that did
+        reach it before a crash are not recorded twice."""
+        if self.enabled and rows:
+            from mlflow.entities import Metric
+
+            self._buffer.extend(Metric(k, float(v), int(t), int(s)) for k, v, t, s in rows)
             self.flush()
 
     def flush(self) -> None:

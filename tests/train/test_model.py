@@ -36,6 +36,11 @@ def test_shapes_padding_and_export_round_trip(tmp_path):
     assert float(model2.contrastive.log_scale) == 2.5 and meta["feature_dim"] == 24
 
 
+def test_built_model_trains_with_dropout_everywhere():
+    _, model = build_dual_encoder(ModelConfig(image_layers=1, dropout=0.1), LossConfig(), 8)
+    assert all(m.training for m in model.modules()), [n for n, m in model.named_modules() if not m.training][:3]
+
+
 def test_init_image_from_text_copies_layers():
     _, model = build_dual_encoder(ModelConfig(image_layers=2, init_image_from_text=True), LossConfig(), 8)
     for a, b in zip(model.image.encoder.layer, model.text.encoder.layer):
