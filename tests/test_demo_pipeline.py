@@ -29,7 +29,7 @@ def demo(tmp_path_factory, tiny_shards):
     _run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "train",
           "--config", "train/configs/demo.yaml", f"output_dir={run}", f"data.train={data / 'train'}",
           "data.batch_size=8", "optim.max_steps=16", "optim.lr=3e-4", "optim.warmup_ratio=0.1",
-          "tracking.experiment=pipeline-test"])
+          "tracking.experiment=pipeline-test", f"data.val={data / 'test'}", "eval.every_steps=8"])
     ckpt = run / "checkpoints" / "final"
     recall = _run([sys.executable, "-m", "eval", "recall", "--checkpoint", str(ckpt),
                    "--data", str(data / "test")])
@@ -62,7 +62,12 @@ def test_mlflow_run_holds_loss_and_recall(demo):
     run = runs[0]
     assert run.data.params["world_size"] == "2" and run.data.params["optim.max_steps"] == "16"
     assert "test/ar" in run.data.metrics and 0.0 <= run.data.metrics["test/ar"] <= 1.0
-    history = mlflow.tracking.MlflowClient(info["tracking_uri"]).get_metric_history(run.info.run_id, "loss/cmr")
+    client = mlflow.tracking.MlflowClient(info["tracking_uri"])
+    val = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val/ar"))
+    assert [s for s, _ in val] == [8, 16], "validation every 8 steps"
+    best = json.loads((demo["run"] / "checkpoints" / "best" / "ldot.json").read_text())
+    assert best["val_ar"] == max(v for _, v in val) and run.data.metrics["val/best_ar"] == best["val_ar"]
+    history = client.get_metric_history(run.info.run_id, "loss/cmr")
     losses = [m.value for m in sorted(history, key=lambda m: m.step)]
     assert len(losses) == 16
     # the loss falls: the last steps' mean is well below the first steps'

@@ -123,6 +123,19 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    every_steps: int = 0
+    """Recall on data.val every N steps (and at the end); 0 disables. The best AR is exported to
+    checkpoints/best."""
+    batch_size: int = 256
+    ks: tuple[int, int, int] = (1, 5, 10)
+
+    def __post_init__(self):
+        if self.every_steps < 0:
+            raise ConfigError(f"eval.every_steps must be >= 0, got {self.every_steps}")
+
+
+@dataclass
 class TrackingConfig:
     experiment: str = "ldot"
     run_name: Optional[str] = None
@@ -145,10 +158,13 @@ class TrainConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
         if not self.data.train:
             raise ConfigError("data.train is required: the training dataset directory")
+        if self.eval.every_steps and not self.data.val:
+            raise ConfigError("eval.every_steps needs data.val, the validation dataset directory")
 
 
 # --------------------------------------------------------------------------------------------

@@ -63,6 +63,36 @@ def export_from_engine(engine, tokenizer, out_dir: Path, meta: dict, is_main: bo
             export_dual_encoder(engine.module, tokenizer, out_dir, meta)
 
 
+class Validator:
+    """Recall on the validation split during training; exports the best-AR encoders to checkpoints/best.
+
+    Every rank runs the encoders (under ZeRO-3 each forward gathers weights from all ranks); rank 0
+    records. The split is loaded once."""
+
+    def __init__(self, cfg: TrainConfig, tokenizer, out: Path, manifest_meta: dict, is_main: bool):
+        from data.loader import load_eval_split
+
+        self.cfg, self.tokenizer, self.is_main = cfg, tokenizer, is_main
+        self.split = load_eval_split(cfg.data.val)
+        self.best_dir, self.meta, self.best = out / "checkpoints" / "best", manifest_meta, -1.0
+
+    def __call__(self, engine, step: int, tracker: Tracker) -> dict:
+        from eval.recall import evaluate_split
+
+        recall = evaluate_split(engine.module, self.split, self.tokenizer, ks=self.cfg.eval.ks,
+                                batch_size=self.cfg.eval.batch_size, max_text_len=self.cfg.data.max_text_len,
+                                device=next(engine.module.parameters()).device, progress=False)
+        tracker.log_metrics({f"val/{k}": v for k, v in recall.items()}, step)
+        if recall["ar"] > self.best:
+            self.best = recall["ar"]
+            export_from_engine(engine, self.tokenizer, self.best_dir, {**self.meta, "steps": step,
+                                                                       "val_ar": recall["ar"]}, self.is_main)
+            tracker.log_metrics({"val/best_ar": self.best}, step)
+            tracker.set_tags({"ldot.best_checkpoint": str(self.best_dir.resolve()), "ldot.best_step": str(step)})
+        log.info("step %d: val AR %.4f (best %.4f)", step, recall["ar"], self.best)
+        return recall
+
+
 def _precision_dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
@@ -125,11 +155,16 @@ def train(cfg: TrainConfig, resume: str | None = None) -> tuple[str, Path | None
     def save(step: int) -> Path:
         # The step records since the last checkpoint travel with it: a crash after the save but before
         # they reach MLflow is mended by the replay on resume.
-        state = {"step": step, "config": to_dict(cfg), "records": tracker.pending()}
+        state = {"step": step, "config": to_dict(cfg), "records": tracker.pending(),
+                 "best_val_ar": validator.best if validator else None}
         return checkpoints.save(engine, step, state, loader.state_dict())
 
     objectives = Objectives(engine.module, tokenizer, mask_prob=cfg.pretrain.mask_prob)
     sampler = TaskSampler(ratios, cfg.seed)
+    export_meta = {"feature_dim": manifest.feature_dim, "max_text_len": cfg.data.max_text_len}
+    validator = Validator(cfg, tokenizer, out, export_meta, dist.is_main) if cfg.eval.every_steps else None
+    if validator and tag is not None:
+        validator.best = trainer_state.get("best_val_ar") or -1.0
     preemption = PreemptionWatch(dist.device)
     float_dtype = _precision_dtype(cfg.engine.precision)
     world = dist.world_size
@@ -158,6 +193,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> tuple[str, Path | None
                 tracker.log_metrics(record, step)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}")
             bar.update()
+            if validator and (step % cfg.eval.every_steps == 0 or step == cfg.optim.max_steps):
+                validator(engine, step, tracker)
             every = cfg.checkpoint.every_steps
             # Metrics are sent after the checkpoint that covers them: a crash before it loses them with
             # the steps, which the resumed run retrains and records once; a crash after it is mended
@@ -180,9 +217,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> tuple[str, Path | None
             tracker.finish(status)
 
     final = out / "checkpoints" / "final"
-    export_from_engine(engine, tokenizer, final,
-                       {"feature_dim": manifest.feature_dim, "max_text_len": cfg.data.max_text_len,
-                        "steps": cfg.optim.max_steps}, dist.is_main)
+    export_from_engine(engine, tokenizer, final, {**export_meta, "steps": cfg.optim.max_steps}, dist.is_main)
     if dist.is_main:
         tracker.write_info(final)
         dump_config(cfg, final / "config.yaml")
