@@ -26,11 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     from data import DataError
+    from eval.errors import EvalError
     from train.errors import ConfigError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, EvalError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

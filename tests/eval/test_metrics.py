@@ -1,4 +1,6 @@
 """eval.metrics.retrieval_recall against a brute-force ranking written independently (argsort per query)."""
+from math import comb
+
 import numpy as np
 import pytest
 import torch
@@ -76,3 +78,128 @@ def test_bad_shapes_raise():
         retrieval_recall(np.zeros((4, 3)), np.zeros(5, dtype=int))
     with pytest.raises(ValueError, match=r"\[0, 3\)"):
         retrieval_recall(np.zeros((2, 3)), np.array([0, 3]))
+
+
+# ---------------------------------------------------------------- the top-k path (no dense matrix)
+
+def _embeddings(seed, n_img, caps_per_image, d=8, quantize=False):
+    """Captions near their image; quantized to a coarse grid, scores tie often (exact in float32)."""
+    rng = np.random.default_rng(seed)
+    cap_img = np.concatenate([np.full(c, i) for i, c in enumerate(caps_per_image)]).astype(np.int64)
+    img = rng.normal(size=(n_img, d)).astype(np.float32)
+    txt = (img[cap_img] + rng.normal(scale=1.2, size=(len(cap_img), d))).astype(np.float32)
+    if quantize:
+        img, txt = np.round(img).clip(-2, 2), np.round(txt).clip(-2, 2)
+    return txt.astype(np.float32), img.astype(np.float32), cap_img
+
+
+def _topk_by_argsort(txt, img, cap_img, depth_ir, depth_tr, qc=None, qi=None):
+    """TopK built without FAISS (numpy argsort), so the metric's top-k logic is checked on its own."""
+    from eval.metrics import TopK
+
+    s = txt @ img.T
+    qc = np.arange(len(txt)) if qc is None else qc
+    qi = np.arange(len(img)) if qi is None else qi
+    ir = np.argsort(-s[qc], axis=1, kind="stable")[:, :depth_ir]
+    tr = np.argsort(-s.T[qi], axis=1, kind="stable")[:, :depth_tr]
+    return TopK(ir, np.take_along_axis(s[qc], ir, 1), tr, np.take_along_axis(s.T[qi], tr, 1),
+                num_images=len(img), num_captions=len(txt), ir_query=qc, tr_query=qi)
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_topk_path_equals_dense_path(seed, quantize):
+    """Variable captions per image (0..5), ties (quantized) or not: both paths give the same recall."""
+    from eval.recall import topk_from_embeddings
+
+    rng = np.random.default_rng(100 + seed)
+    caps = rng.integers(0, 6, size=30)
+    caps[0] = 5
+    txt, img, cap_img = _embeddings(seed, 30, caps, quantize=quantize)
+    ks = (1, 5, 10)
+    dense = retrieval_recall(txt @ img.T, cap_img, ks)
+    faiss_top = retrieval_recall(topk_from_embeddings(txt, img, cap_img, max(ks)), cap_img, ks)
+    m = int(np.bincount(cap_img).max())
+    numpy_top = retrieval_recall(_topk_by_argsort(txt, img, cap_img, 11, 10 + m), cap_img, ks)
+    assert 0 < dense["ar"] < 1
+    assert faiss_top == dense
+    assert numpy_top == dense
+    if not quantize:  # brute_force's stable argsort lets ties favour the ground truth
+        assert dense == pytest.approx(brute_force(txt @ img.T, cap_img, ks), abs=1e-12)
+
+
+def test_ties_in_topk_count_against_ground_truth():
+    """Ground truth tied with the K-th candidate and with candidates beyond the rows: still a miss at K."""
+    from eval.metrics import TopK
+
+    # one caption query; 4 images all scoring 1.0, its own image (2) listed last of a 2-deep row
+    cap_img = np.array([2, 0, 1, 3])
+    top = TopK(ir_ids=np.array([[0, 2]]), ir_scores=np.array([[1.0, 1.0]]),
+               tr_ids=np.zeros((0, 2), np.int64), tr_scores=np.zeros((0, 2)), num_images=4, num_captions=4,
+               ir_query=np.array([0]), tr_query=np.zeros(0, np.int64))
+    assert retrieval_recall(top, cap_img, ks=(1,))["ir_r1"] == 0.0
+
+
+def test_topk_rows_too_shallow_raise():
+    from eval.recall import topk_from_embeddings
+
+    txt, img, cap_img = _embeddings(0, 30, [5] * 30)
+    top = topk_from_embeddings(txt, img, cap_img, 5)
+    with pytest.raises(ValueError, match="deep"):
+        retrieval_recall(top, cap_img, ks=(1, 5, 10))
+
+
+def test_query_subset_with_distractors_matches_brute_force():
+    """The paper's full setting: test queries ranked against a pool that also holds other images/captions."""
+    from eval.recall import topk_from_embeddings
+
+    txt, img, cap_img = _embeddings(3, 60, [3] * 20 + [5] * 40)
+    qi = np.arange(20)                               # the "test" images ...
+    qc = np.flatnonzero(cap_img < 20)                # ... and their captions
+    ks = (5, 10, 20)
+    got = retrieval_recall(topk_from_embeddings(txt, img, cap_img, 20, query_captions=qc, query_images=qi),
+                           cap_img, ks)
+    s = txt @ img.T
+    ir = [int(np.sum(np.delete(s[c], cap_img[c]) >= s[c, cap_img[c]])) for c in qc]
+    tr = []
+    for i in qi:
+        own = cap_img == i
+        tr.append(int(np.sum(s[~own, i] >= s[own, i].max())))
+    for k in ks:
+        assert got[f"ir_r{k}"] == pytest.approx(np.mean(np.array(ir) < k), abs=1e-12)
+        assert got[f"tr_r{k}"] == pytest.approx(np.mean(np.array(tr) < k), abs=1e-12)
+    assert 0 < got["ir_r5"] < got["ir_r20"] < 1
+    ch = chance_recall(cap_img, 60, ks, query_images=qi)
+    assert ch["ir_r5"] == pytest.approx(5 / 60)
+    assert ch["tr_r5"] == pytest.approx(1 - comb(len(cap_img) - 3, 5) / comb(len(cap_img), 5))
+
+
+def test_recall_curve_agrees_with_table():
+    from eval.metrics import recall_curve
+
+    txt, img, cap_img = _embeddings(4, 40, [5] * 40)
+    curve = recall_curve(txt @ img.T, cap_img, 20)
+    table = retrieval_recall(txt @ img.T, cap_img, ks=(1, 5, 10))
+    for k in (1, 5, 10):
+        assert curve["ir"][k - 1] == table[f"ir_r{k}"] and curve["tr"][k - 1] == table[f"tr_r{k}"]
+    assert np.all(np.diff(curve["ir"]) >= 0) and curve["ir"][-1] < 1
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matches_clip_benchmark_recall_at_k(seed):
+    """A second, independent implementation: LAION's clip_benchmark (installed with --no-deps).
+
+    Its torch.topk breaks ties arbitrarily, so the scores here are continuous (tie-free)."""
+    zr = pytest.importorskip("clip_benchmark.metrics.zeroshot_retrieval")
+    txt, img, cap_img = _embeddings(10 + seed, 50, [5] * 50, d=16)
+    scores = torch.from_numpy(txt @ img.T)
+    positive = torch.zeros_like(scores, dtype=torch.bool)
+    positive[torch.arange(len(cap_img)), torch.from_numpy(cap_img)] = True
+    ks = (1, 5, 10)
+    ours = retrieval_recall(scores, cap_img, ks)
+    for k in ks:
+        ir = (zr.recall_at_k(scores, positive, k) > 0).float().mean().item()
+        tr = (zr.recall_at_k(scores.T, positive.T, k) > 0).float().mean().item()
+        assert ours[f"ir_r{k}"] == pytest.approx(ir, abs=1e-6), k
+        assert ours[f"tr_r{k}"] == pytest.approx(tr, abs=1e-6), k
+    assert 0 < ours["ar"] < 1
