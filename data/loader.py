@@ -11,7 +11,9 @@ How a training epoch is shared out (the "epoch plan"):
   * Each slot's share is shuffled with webdataset's buffer shuffle seeded by (seed, epoch, slot), and the
     slot moves straight on to its share of the next epoch: every rank and worker streams forever, so
     every rank yields the same number of batches per step and nobody waits at an epoch's end.
-    Batches are fixed-size; a batch may straddle two epochs.
+    Batches are fixed-size; a batch may straddle two epochs. ``epochs=E`` makes the stream finite:
+    every rank stops after E × batches_per_epoch batches (the smallest rank share decides, so no rank
+    waits). ``resample=True`` draws each epoch's shards with replacement instead of permuting them.
   * Position = (epoch, how many samples of the slot's shuffled share were consumed). Each batch carries
     it back from its worker; ``state_dict()`` holds it per slot. Resuming replays the current epoch's
     share from its start through the same shuffle and drops what was already consumed (cost: at most
@@ -33,6 +35,7 @@ buffer's batches were delivered; the buffer is rebuilt on resume and those batch
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import random
 from dataclasses import dataclass
@@ -58,34 +61,43 @@ STATE_VERSION = 1
 
 
 class EpochPlan:
-    """Which samples each slot reads in each epoch (pure function of seed, epoch and the manifest)."""
+    """Which samples each slot reads in each epoch (pure function of seed, epoch and the manifest).
 
-    def __init__(self, paths: list[str], counts: list[int], seed: int, num_slots: int):
-        self.paths, self.counts, self.seed, self.num_slots = paths, counts, seed, num_slots
+    ``resample``: each epoch draws its shards with replacement (open_clip's resampled mode) instead of
+    permuting them; the draw is still cut into equal slot shares, so ranks stay equal.
+    """
+
+    def __init__(self, paths: list[str], counts: list[int], seed: int, num_slots: int, resample: bool = False):
+        self.paths, self.counts, self.seed, self.num_slots, self.resample = paths, counts, seed, num_slots, resample
         self.num_samples = sum(counts)
         self.bases = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()  # global index of shard[0]
-        if self.num_samples < num_slots:
+        if self.num_samples < num_slots or (resample and min(counts) * len(counts) < num_slots):
             raise DataError(f"dataset has {self.num_samples} samples, fewer than the {num_slots} readers "
                             "(world_size × num_workers) that would share it", shard=os.path.dirname(paths[0]))
 
-    def bounds(self, slot: int) -> tuple[int, int]:
-        n, s = self.num_samples, self.num_slots
+    def bounds(self, slot: int, total: int | None = None) -> tuple[int, int]:
+        n, s = self.num_samples if total is None else total, self.num_slots
         return slot * n // s, (slot + 1) * n // s
 
     def slot_size(self, slot: int) -> int:
+        """Samples of the slot's share of an epoch (nominal in resampled mode)."""
         lo, hi = self.bounds(slot)
         return hi - lo
 
     def shard_order(self, epoch: int) -> list[int]:
+        rng = random.Random(make_seed(self.seed, epoch, 0x5EED))
+        if self.resample:
+            return [rng.randrange(len(self.paths)) for _ in self.paths]
         order = list(range(len(self.paths)))
-        random.Random(make_seed(self.seed, epoch, 0x5EED)).shuffle(order)
+        rng.shuffle(order)
         return order
 
     def pieces(self, epoch: int, slot: int) -> list[tuple[int, int, int]]:
         """(shard index, start, stop) runs that make up the slot's share of the epoch."""
-        lo, hi = self.bounds(slot)
+        order = self.shard_order(epoch)
+        lo, hi = self.bounds(slot, sum(self.counts[i] for i in order))
         out, pos = [], 0
-        for shard in self.shard_order(epoch):
+        for shard in order:
             n = self.counts[shard]
             a, b = max(lo, pos), min(hi, pos + n)
             if a < b:
@@ -126,6 +138,7 @@ class _SlotConfig:
     bucket_buffer: int
     mask_words: bool
     mask_regions: bool
+    resample: bool
 
 
 def fresh_slot_state() -> dict:
@@ -155,7 +168,7 @@ class _SlotStream(torch.utils.data.IterableDataset):
         cfg = self.cfg
         nw = max(1, cfg.num_workers)
         slot = cfg.rank * nw + worker
-        plan = EpochPlan(cfg.paths, cfg.counts, cfg.seed, cfg.world_size * nw)
+        plan = EpochPlan(cfg.paths, cfg.counts, cfg.seed, cfg.world_size * nw, cfg.resample)
         start = self.starts[worker]
         where = f"rank {cfg.rank} worker {worker}"
         # Counts restart from the epoch's start: the replay below re-meets the same bad samples.
@@ -265,13 +278,16 @@ class TrainLoader:
     def __init__(self, data_dir, tokenizer, *, batch_size: int | None, max_text_len: int = 32, seed: int = 0,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, on_error: str = "skip",
                  shuffle_buffer: int = 256, with_cls: bool = False, token_budget: int | None = None,
-                 bucket_buffer: int = 512, mask_words: bool = False, mask_regions: bool = False):
+                 bucket_buffer: int = 512, mask_words: bool = False, mask_regions: bool = False,
+                 resample: bool = False, epochs: int | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if (batch_size is None) == (token_budget is None):
             raise ValueError("give exactly one of batch_size and token_budget")
         if (batch_size or token_budget) < 1:
             raise ValueError(f"batch_size / token_budget must be positive, not {batch_size or token_budget}")
+        if epochs is not None and batch_size is None:
+            raise ValueError("finite epochs need a fixed batch_size (with a token budget the count is not known ahead)")
         self.data_dir = Path(data_dir)
         self.manifest = schema.read_manifest(self.data_dir)
         if with_cls and self.manifest.class_dim is None:
@@ -283,9 +299,10 @@ class TrainLoader:
             feature_dim=self.manifest.feature_dim, class_dim=self.manifest.class_dim, seed=seed, rank=rank,
             world_size=world_size, num_workers=num_workers, batch_size=batch_size, max_text_len=max_text_len,
             shuffle_buffer=shuffle_buffer, on_error=on_error, with_cls=with_cls, token_budget=token_budget,
-            bucket_buffer=bucket_buffer, mask_words=mask_words, mask_regions=mask_regions)
+            bucket_buffer=bucket_buffer, mask_words=mask_words, mask_regions=mask_regions, resample=resample)
+        self.epochs = epochs
         ErrorPolicy(on_error)  # validates the policy name now, not in a worker
-        self.plan = EpochPlan(self.cfg.paths, self.cfg.counts, seed, world_size * max(1, num_workers))
+        self.plan = EpochPlan(self.cfg.paths, self.cfg.counts, seed, world_size * max(1, num_workers), resample)
         self._slots = [fresh_slot_state() for _ in range(max(1, num_workers))]
         self._batches = 0
 
@@ -295,12 +312,13 @@ class TrainLoader:
 
     @property
     def batches_per_epoch(self) -> int | None:
-        """Batches this rank yields per epoch of its share (nominal: skipped samples shorten it); None with a
-        token budget, where it depends on the lengths drawn."""
-        if self.cfg.batch_size is None:
+        """Batches per epoch, the same on every rank: the smallest rank share // batch_size (what a share has
+        beyond that carries over into the next epoch, nothing is dropped). None with a token budget."""
+        c = self.cfg
+        if c.batch_size is None:
             return None
-        nw = max(1, self.cfg.num_workers)
-        return sum(self.plan.slot_size(self.cfg.rank * nw + w) for w in range(nw)) // self.cfg.batch_size
+        nw = max(1, c.num_workers)
+        return min(sum(self.plan.slot_size(r * nw + w) for w in range(nw)) for r in range(c.world_size)) // c.batch_size
 
     @property
     def skipped(self) -> dict[str, int]:
@@ -325,13 +343,23 @@ class TrainLoader:
             # Forked workers inherit a used Rust tokenizer; its own thread pool must stay off there.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
             source = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=nw))
-        for batch in source:
-            if "__error__" in batch:
-                problem, shard, key, reason = batch["__error__"]
-                raise DataError(problem, shard=shard, key=key, reason=reason)
-            self._slots[self._batches % max(1, nw)] = batch.pop("__state__")
-            self._batches += 1
-            yield batch
+        workers = source if nw else None
+        if self.epochs is not None:  # finite: every rank stops after the same number of batches
+            source = itertools.islice(source, max(0, self.epochs * self.batches_per_epoch - self._batches))
+        try:
+            for batch in source:
+                if "__error__" in batch:
+                    problem, shard, key, reason = batch["__error__"]
+                    raise DataError(problem, shard=shard, key=key, reason=reason)
+                self._slots[self._batches % max(1, nw)] = batch.pop("__state__")
+                self._batches += 1
+                yield batch
+        finally:
+            # Stop the workers now, not whenever the garbage collector meets an abandoned iterator: left to
+            # the collector, its shutdown can wait 5 s per worker for workers that never got the stop signal.
+            shutdown = getattr(workers, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
     def state_dict(self) -> dict:
         """Position of this rank's stream after the last batch yielded; save it with the checkpoint."""
@@ -343,7 +371,7 @@ class TrainLoader:
         c = self.cfg
         return {"seed": c.seed, "rank": c.rank, "world_size": c.world_size, "num_workers": c.num_workers,
                 "batch_size": c.batch_size, "token_budget": c.token_budget, "bucket_buffer": c.bucket_buffer,
-                "shuffle_buffer": c.shuffle_buffer, "num_samples": self.num_samples,
+                "shuffle_buffer": c.shuffle_buffer, "resample": c.resample, "num_samples": self.num_samples,
                 "shards": [os.path.basename(p) for p in c.paths]}
 
     def load_state_dict(self, state: dict) -> None:

@@ -240,3 +240,29 @@ def test_resume_keeps_skip_counts_exact(tmp_path, tokenizer):
     assert resumed.skipped == first.skipped
     assert head + [fingerprint(b) for b in take(resumed, 5)] == full
     assert resumed.skipped == ref.skipped
+
+
+def test_finite_epochs_are_equal_on_every_rank(small_dataset, tokenizer):
+    counts = []
+    for rank in range(3):
+        loader = TrainLoader(small_dataset, tokenizer, batch_size=4, rank=rank, world_size=3, epochs=2)
+        assert loader.batches_per_epoch == 3  # shares of 15, 16, 16 samples: the smallest decides
+        counts.append(len(list(loader)))
+        assert len(list(loader)) == 0  # exhausted; a resumed loader would continue the count
+    assert counts == [6, 6, 6]
+    with pytest.raises(ValueError, match="finite epochs need a fixed batch_size"):
+        TrainLoader(small_dataset, tokenizer, batch_size=None, token_budget=100, epochs=1)
+
+
+def test_resampled_mode_draws_shards_with_replacement(small_dataset, tokenizer):
+    plan = EpochPlan([f"s{i}" for i in range(5)], [10, 10, 10, 10, 7], seed=0, num_slots=2, resample=True)
+    orders = [plan.shard_order(e) for e in range(20)]
+    assert any(len(set(o)) < 5 for o in orders)  # some shard drawn twice in an epoch
+    assert orders == [plan.shard_order(e) for e in range(20)]  # seeded
+    for e in range(5):
+        sizes = [sum(b - a for _, a, b in plan.pieces(e, s)) for s in range(2)]
+        assert abs(sizes[0] - sizes[1]) <= 1  # equal shares still
+    loaders = [TrainLoader(small_dataset, tokenizer, batch_size=4, rank=r, world_size=2, resample=True, seed=3)
+               for r in range(2)]
+    for loader in loaders:
+        assert len(take(loader, 30)) == 30  # streams forever
