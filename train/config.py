@@ -24,13 +24,20 @@ class DataConfig:
     val: Optional[str] = None
     """Dataset directory evaluated during training (recall); None disables it."""
     batch_size: int = 32
-    """Image-caption pairs per rank per micro-step."""
+    """Image-caption pairs per rank per micro-step (ignored when token_budget is set)."""
+    token_budget: Optional[int] = None
+    """Batch by tokens + regions per rank instead (the paper: 10,240), with length bucketing; local
+    batch sizes then differ across ranks, which the cross-rank CMR loss handles."""
     max_text_len: int = 32
     num_workers: int = 0
+    on_error: Literal["skip", "error"] = "skip"
+    """Bad samples: skip (counted per reason, logged as skipped/<reason>) or stop with an error."""
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if self.token_budget is not None and self.token_budget < 1:
+            raise ConfigError(f"data.token_budget must be >= 1, got {self.token_budget}")
         if self.max_text_len < 4:
             raise ConfigError(f"data.max_text_len must be >= 4, got {self.max_text_len}")
 

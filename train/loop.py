@@ -128,9 +128,11 @@ def train(cfg: TrainConfig, resume: str | None = None) -> tuple[str, Path | None
                                           pretrain=pretrain, num_classes=num_classes)
     model.to(dist.device)
     engine, ds_config = build_engine(model, cfg.optim, cfg.engine, cfg.data.batch_size)
-    loader = TrainLoader(cfg.data.train, tokenizer, batch_size=cfg.data.batch_size,
-                         max_text_len=cfg.data.max_text_len, seed=cfg.seed, rank=dist.rank,
-                         world_size=dist.world_size, num_workers=cfg.data.num_workers)
+    loader = TrainLoader(cfg.data.train, tokenizer,
+                         batch_size=None if cfg.data.token_budget else cfg.data.batch_size,
+                         token_budget=cfg.data.token_budget, max_text_len=cfg.data.max_text_len, seed=cfg.seed,
+                         rank=dist.rank, world_size=dist.world_size, num_workers=cfg.data.num_workers,
+                         on_error=cfg.data.on_error, with_cls=ratios.get("mrckl", 0) > 0)
     checkpoints = CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last, dist.rank)
     tag = checkpoints.resolve(resume)
     start_step = 0
@@ -185,7 +187,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> tuple[str, Path | None
             record = {f"loss/{task}": step_loss, "lr": engine.get_lr()[0],
                       "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                       "loss_scale": loss_scale(engine),
-                      # local counts x world: ranks hold equal batches under fixed-size batching
+                      # local counts x world: exact for fixed-size batches, an estimate under a token budget
                       "samples_per_s": pairs * world / dt, "tokens_per_s": tokens * world / dt}
             if scale is not None:
                 record["logit_scale"] = float(scale)
