@@ -118,8 +118,7 @@ def build(args, policy: ErrorPolicy):
             records, pairs = None, images.folder_items(args.input, split=args.split or "all", policy=policy)
         else:
             records, pairs = None, images.img2dataset_items(args.input, split=args.split or "all", policy=policy)
-        total = None if records is None else sum(1 for _ in images.captioned_folder_items(args.input, records))
-        return images.ImageFeatures(backbone, total=total), numbered(pairs), records
+        return images.ImageFeatures(backbone), numbered(pairs), records
     if fmt == "lmdb":
         _need(args, "captions_format")
         records = read_captions(args.captions_format, args, policy)
@@ -127,7 +126,7 @@ def build(args, policy: ErrorPolicy):
     records = read_captions(fmt, args, policy)
     if args.features == "images":
         _need(args, "image_dir")
-        source = images.ImageFeatures(_backbone(args), total=len(records))
+        source = images.ImageFeatures(_backbone(args))
         return source, numbered(images.record_items(args.image_dir, records)), records
     if args.features == "precomp":
         _need(args, "ims")
@@ -143,8 +142,10 @@ def run_convert(args) -> int:
     split = args.split or (",".join(sorted({r.split for r in records})) if records else "all")
     fingerprint = json.dumps({k: v for k, v in sorted(vars(args).items()) if k not in ("func", "overwrite")},
                              default=str)
+    total = len(records) if records is not None and not (args.format == "images" and args.captions_format) else None
     m = convert(items, source, args.out, split=split, source_name=args.source or args.format, policy=policy,
-                shard_size=args.shard_size, overwrite=args.overwrite, fingerprint=fingerprint, limit=args.limit)
+                shard_size=args.shard_size, overwrite=args.overwrite, fingerprint=fingerprint, limit=args.limit,
+                total=total)
     skipped = f", skipped {m.extra['skipped']}" if m.extra.get("skipped") else ""
     print(f"convert {args.format}: {m.num_samples} images, {m.num_captions} captions in {len(m.shards)} shards "
           f"→ {args.out} (feature dim {m.feature_dim}, class dim {m.class_dim}){skipped}")

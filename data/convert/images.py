@@ -121,9 +121,8 @@ def img2dataset_items(spec: str, *, split: str, policy: ErrorPolicy) -> Iterator
 class ImageFeatures:
     """Loads each item's image (``item.load``), runs the backbone in batches, adds a ~96 px JPEG thumbnail."""
 
-    def __init__(self, backbone: GridBackbone, *, thumbnails: bool = True, progress: bool | None = None,
-                 total: int | None = None):
-        self.backbone, self.thumbnails, self.progress, self.total = backbone, thumbnails, progress, total
+    def __init__(self, backbone: GridBackbone, *, thumbnails: bool = True):
+        self.backbone, self.thumbnails = backbone, thumbnails
         self.name = backbone.name
         self.feature_dim = backbone.feature_dim
         self.class_dim = backbone.class_dim if backbone.with_cls else None
@@ -142,6 +141,7 @@ class ImageFeatures:
                 pending.append((item, thumbnail_jpeg(img) if self.thumbnails else None))
                 yield img
 
-        for feat, box, cls in self.backbone.extract(images(), total=self.total, desc="features", progress=self.progress):
+        # The converter's own bar shows progress; the backbone's would be a second one.
+        for feat, box, cls in self.backbone.extract(images(), progress=False):
             item, thumb = pending.popleft()
             yield item, feat, box, cls, thumb

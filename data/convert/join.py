@@ -9,6 +9,7 @@ import logging
 from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
+from tqdm import tqdm
 
 from data import schema
 from data.convert.captions import CaptionRecord
@@ -42,7 +43,7 @@ class FeatureSource(Protocol):
 
 def convert(items: Iterable[Item], source: FeatureSource, out, *, split: str, source_name: str, policy: ErrorPolicy,
             shard_size: int = 1000, overwrite: bool = False, fingerprint: str = "", limit: int | None = None,
-            extra: dict | None = None) -> schema.Manifest:
+            extra: dict | None = None, total: int | None = None) -> schema.Manifest:
     """Write ``out`` from ``items``; an interrupted run with the same fingerprint resumes where it stopped."""
     writer = DatasetWriter(out, feature_dim=source.feature_dim, class_dim=source.class_dim, source=source_name,
                            split=split, shard_size=shard_size, overwrite=overwrite, resumable=True,
@@ -64,8 +65,12 @@ def convert(items: Iterable[Item], source: FeatureSource, out, *, split: str, so
             yield item
 
     stream = taken(itertools.islice(it, None if limit is None else max(0, limit - start)))
+    if total is not None:
+        total = min(total, limit) if limit is not None else total
+    bar = tqdm(total=total, initial=start, desc=f"convert → {out}", unit="img", disable=None)
     try:
         for item, feat, box, cls, thumb in source.features(stream, policy):
+            bar.update(item.seq + 1 - bar.n)  # records the source skipped count as done too
             meta = {"image_id": item.record.image_id, "captions": item.record.captions, "split": item.record.split,
                     "source": source_name}
             try:
@@ -77,6 +82,8 @@ def convert(items: Iterable[Item], source: FeatureSource, out, *, split: str, so
     except BaseException:
         writer.abort()
         raise
+    finally:
+        bar.close()
     writer.manifest.extra["skipped"] = dict(policy.counts)
     manifest = writer.close()
     if policy.counts:
