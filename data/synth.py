@@ -4,7 +4,9 @@ Every scene has 1-3 objects (colour, shape, size, one of 9 grid positions) on a 
 image gets 5 captions in different phrasings; every caption names every object's colour and shape, and
 most add its size, position or the background, so a good model can tell scenes apart. Test scenes each
 contain at least one colour×shape pair from HELD_OUT, which never appears in training, so test recall
-measures compositional generalization rather than memorization. Deterministic given the seed.
+measures compositional generalization rather than memorization. Deterministic given the seed: scenes,
+captions, renders and boxes bit for bit; features up to float16 rounding, since the extractor picks its
+CPU thread count by speed (data/features.py) and convolutions round differently with 1 or 2 threads.
 """
 
 from __future__ import annotations
