@@ -1,7 +1,8 @@
 """`python -m train --config CONFIG [key=value ...] [--resume auto]`: run a training job.
 
-Runs under torchrun, deepspeed or srun. Exit codes: 0 done; 2 bad config or data (one-line message);
-75 preempted (SIGUSR1/SIGTERM): a checkpoint was written, requeue with --resume auto.
+Runs under torchrun, deepspeed or srun. Exit codes of every rank: 0 done; 2 bad config or data (one-line
+message); 75 preempted (SIGUSR1/SIGTERM to any rank): a checkpoint was written, run again with
+--resume auto. srun passes 75 on as the step's exit code; torchrun reports it as a worker failure.
 """
 from __future__ import annotations
 

@@ -149,6 +149,29 @@ class TrackingConfig:
     tracking_uri: Optional[str] = None
     """MLflow tracking URI; else MLFLOW_TRACKING_URI; else sqlite:///<output_dir>/mlflow.db."""
     log_every: int = 1
+    sweep: Optional[str] = None
+    """Nest the run under the parent run of this sweep (created by whichever member starts first).
+    Unset: $LDOT_SWEEP, else slurm-array-$SLURM_ARRAY_JOB_ID inside a Slurm job array; "" turns it off."""
+    parent_run_id: Optional[str] = None
+    """Nest the run under this existing MLflow run instead (unset: $LDOT_PARENT_RUN_ID)."""
+    system_metrics_every_s: float = 10.0
+    """Each rank samples CPU, memory, disk, network (and GPU with nvidia-ml-py) every N seconds as
+    system/<host>-rank<r>/...; 0 turns it off."""
+    timeout_s: float = 10.0
+    """Seconds the start and the end of a job wait for the tracking server; after that training goes on
+    and the records wait in <output_dir>/mlflow_outbox (sent when it answers, or by `python -m eval sync`)."""
+    log_checkpoint: bool = False
+    """Upload the final encoders as run artifacts; otherwise the run refers to them (tag ldot.checkpoint)."""
+
+    def __post_init__(self):
+        if self.log_every < 1:
+            raise ConfigError(f"tracking.log_every must be >= 1, got {self.log_every}")
+        if self.system_metrics_every_s < 0 or self.timeout_s < 0:
+            raise ConfigError("tracking.system_metrics_every_s and tracking.timeout_s must be >= 0")
+        if self.sweep and "'" in self.sweep:
+            raise ConfigError(f"tracking.sweep {self.sweep!r}: quotes are not allowed")
+        if self.sweep and self.parent_run_id:
+            raise ConfigError("tracking.sweep and tracking.parent_run_id: set one, not both")
 
 
 @dataclass

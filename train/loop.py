@@ -1,7 +1,6 @@
 """The training recipe: build data, model, engine and tracker, run the steps, export the encoders."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -12,14 +11,14 @@ from tqdm import tqdm
 from data.loader import TrainLoader
 from data.schema import read_manifest
 from train.checkpoint import CheckpointManager
-from train.config import TrainConfig, dump_config, flatten, to_dict
+from train.config import TrainConfig, dump_config, to_dict
 from train.distributed import DistInfo, init_distributed
 from train.errors import ConfigError
 from train.engine import build_engine, loss_scale
 from train.model import build_dual_encoder, export_dual_encoder
 from train.objectives import Objectives, TaskSampler, mask_generator
 from train.preemption import PreemptionWatch
-from train.tracking import RUN_FILE, Tracker, git_state, resolve_tracking_uri, slurm_tags
+from train.tracking import Tracker, start_job_tracking
 
 log = logging.getLogger("ldot.train")
 
@@ -97,20 +96,6 @@ def _precision_dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def _tracker(cfg: TrainConfig, out: Path, dist: DistInfo, resuming: bool) -> Tracker:
-    """Rank 0 owns the run; a resumed job continues the run it started."""
-    run_file = out / RUN_FILE
-    if resuming and dist.is_main and run_file.is_file():
-        tracker = Tracker.attach(json.loads(run_file.read_text()), autoflush=not cfg.checkpoint.every_steps)
-        tracker.set_status("RUNNING")
-        tracker.set_tags(slurm_tags())
-        return tracker
-    tracker = Tracker(resolve_tracking_uri(cfg.tracking.tracking_uri, out), cfg.tracking.experiment,
-                      enabled=dist.is_main, autoflush=not cfg.checkpoint.every_steps)
-    tracker.start(cfg.tracking.run_name, tags={**git_state(), **slurm_tags(), "ldot.task": cfg.task})
-    return tracker
-
-
 def train(cfg: TrainConfig, resume: str | None = None) -> tuple[str, Path | None]:
     """Runs the configured job. Returns ("finished", export dir) or ("preempted", checkpoint dir)."""
     dist: DistInfo = init_distributed()
@@ -142,17 +127,11 @@ def train(cfg: TrainConfig, resume: str | None = None) -> tuple[str, Path | None
         start_step = trainer_state["step"]
         log.info("resumed from %s at step %d", checkpoints.dir / tag, start_step)
 
-    tracker = _tracker(cfg, out, dist, resuming=tag is not None)
+    # Rank 0 starts (or continues) the run, records params and config artifacts, writes config.yaml
+    # and mlflow_run.json; the other ranks record only their system metrics.
+    tracker = start_job_tracking(cfg, out, dist, ds_config, manifest, resuming=tag is not None)
     if tag is not None:
         tracker.replay(trainer_state.get("records", []))
-    if tag is None:
-        tracker.log_params({**flatten(to_dict(cfg)), "world_size": dist.world_size,
-                            "zero_stage": ds_config["zero_optimization"].get("stage", 0),
-                            "data.train.images": manifest.num_samples})
-    tracker.write_info(out)
-    if dist.is_main:
-        dump_config(cfg, out / "config.yaml")
-        tracker.log_artifact(out / "config.yaml")
 
     def save(step: int) -> Path:
         # The step records since the last checkpoint travel with it: a crash after the save but before
@@ -205,6 +184,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> tuple[str, Path | None
                 path = save(step)
                 tracker.finish("KILLED")
                 log.warning("preempted: checkpoint %s written at step %d", path, step)
+                torch.distributed.barrier()  # leave together: a launcher may stop the others at the first exit
                 return "preempted", path
             if every and (step % every == 0 or step == cfg.optim.max_steps):
                 save(step)

@@ -1,19 +1,59 @@
-"""MLflow tracking: one run per job, owned by rank 0; params, per-step metrics, artifacts, recall tables.
+"""MLflow tracking: one run per job, owned by rank 0, that survives a tracking-server outage.
 
-Other ranks hold a disabled Tracker whose calls do nothing, so the loop needs no `if rank == 0`.
-Metrics are buffered and sent with `log_batch`, so a step costs no round trip to the store.
+Rank 0 starts (or, on resume, continues) the run and records what defines the job: the resolved
+config flattened, the DeepSpeed config, world size, git commit and dirty flag, the data manifests'
+hashes, Slurm ids (params); the config files and manifests (artifacts); per-step metrics; recall
+tables; the final encoders (tag `ldot.checkpoint`, and with `tracking.log_checkpoint` as artifacts).
+It broadcasts the run to the other ranks, which record only their own system metrics, as
+`system/<host>-rank<r>/...`. Their Trackers ignore every other call, so the loop needs no rank checks.
+
+Records never go straight to MLflow: they are appended to a journal in `<output_dir>/mlflow_outbox`
+and a background thread sends them (train/tracking_outbox.py). If the server is unreachable at
+start or goes away later, training goes on; warnings are rate-limited; what the server missed is
+sent when it answers, or by `python -m eval sync OUTPUT_DIR` after the job.
+
+Sweeps: every member of a sweep is nested under one parent run (tag `mlflow.parentRunId`). A member
+finds its sweep, in this order, from
+  - `tracking.parent_run_id` or $LDOT_PARENT_RUN_ID: an existing run to nest under;
+  - `tracking.sweep` or $LDOT_SWEEP: a sweep name; the parent run is named after it and created by
+    whichever member starts first (race-safe when array tasks start at once: ensure_sweep_parent);
+  - inside a Slurm job array, the sweep `slurm-array-$SLURM_ARRAY_JOB_ID`: one parent per array,
+    with nothing to set. Members are then named `task-$SLURM_ARRAY_TASK_ID` unless tracking.run_name
+    is set.
+`tracking.sweep=` (empty) turns nesting off. An sbatch script therefore needs nothing for an array;
+to give the parent a readable name, `export LDOT_SWEEP=lr-sweep-$SLURM_ARRAY_JOB_ID` before srun (the
+same name across all tasks of the sweep, quotes not allowed). The parent is marked FINISHED when no
+member is running.
 """
 from __future__ import annotations
 
+import atexit
+import getpass
+import hashlib
 import json
+import logging
 import os
+import shutil
+import socket
 import subprocess
+import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from train.tracking_outbox import (OUTBOX_DIR, Delivery, Journal, Sender, ensure_sweep_parent, new_key,
+                                   now_ms, writer_name)
+
+__all__ = ["RUN_FILE", "OUTBOX_DIR", "Tracker", "start_job_tracking", "resolve_tracking_uri", "git_state",
+           "slurm_tags", "ensure_sweep_parent", "sweep_of"]
+
+log = logging.getLogger("ldot.tracking")
 
 RUN_FILE = "mlflow_run.json"  # written next to outputs so eval logs into the training run
-_BATCH = 500
+_METRICS_PER_OP, _PARAMS_PER_OP = 1000, 100
+_COPY_BYTES = 16 << 20  # smaller files are copied into the outbox, so what is sent is what was logged
+_PARAM_CHARS = 6000  # MLflow's limit on a param value
 
 
 def resolve_tracking_uri(configured: str | None, output_dir: str | Path) -> str:
@@ -36,108 +76,492 @@ def git_state(repo: Path | None = None) -> dict[str, str]:
     return {"git.commit": commit, "git.dirty": str(bool(dirty)).lower()} if commit else {}
 
 
+_SLURM = {"SLURM_JOB_ID": "slurm.job_id", "SLURM_ARRAY_JOB_ID": "slurm.array_job_id",
+          "SLURM_ARRAY_TASK_ID": "slurm.array_task_id"}
+
+
 def slurm_tags() -> dict[str, str]:
     """The Slurm job and array task ids, so a run can be traced back to its job's logs."""
-    names = {"SLURM_JOB_ID": "slurm.job_id", "SLURM_ARRAY_JOB_ID": "slurm.array_job_id",
-             "SLURM_ARRAY_TASK_ID": "slurm.array_task_id", "SLURM_RESTART_COUNT": "slurm.restart_count"}
+    names = {**_SLURM, "SLURM_RESTART_COUNT": "slurm.restart_count"}
     return {tag: os.environ[var] for var, tag in names.items() if os.environ.get(var)}
 
 
-class Tracker:
-    def __init__(self, tracking_uri: str, experiment: str, *, enabled: bool = True, autoflush: bool = True):
-        """autoflush=False holds metrics until flush(): the trainer flushes right after each checkpoint,
-        so the record never holds a step that a resume would train again."""
-        self.enabled, self.autoflush = enabled, autoflush
-        self.tracking_uri, self.experiment = tracking_uri, experiment
-        self.run_id: str | None = None
-        self._buffer: list = []
-        if not enabled:
-            return
-        from mlflow.tracking import MlflowClient
+def sweep_of(tracking_cfg) -> tuple[str | None, str | None]:
+    """(sweep name, explicit parent run id) for this job; at most one is set. See the module docstring."""
+    parent = tracking_cfg.parent_run_id or os.environ.get("LDOT_PARENT_RUN_ID") or None
+    if parent:
+        return None, parent
+    sweep = tracking_cfg.sweep
+    if sweep is None:
+        sweep = os.environ.get("LDOT_SWEEP")
+    if sweep is None and os.environ.get("SLURM_ARRAY_JOB_ID"):
+        sweep = f"slurm-array-{os.environ['SLURM_ARRAY_JOB_ID']}"
+    if sweep and "'" in sweep:
+        raise ValueError(f"sweep name {sweep!r}: quotes are not allowed")
+    return sweep or None, None
 
-        self.client = MlflowClient(tracking_uri=tracking_uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+
+def _param_value(v: Any) -> str:
+    text = json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)
+    return text[:_PARAM_CHARS]
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class Tracker:
+    """Records into one MLflow run through the outbox. Calls never wait on the network, except
+    start() and finish(), which wait at most `timeout_s` (then training goes on)."""
+
+    def __init__(self, tracking_uri: str, experiment: str, *, enabled: bool = True, autoflush: bool = True,
+                 outbox: str | Path | None = None, writer: str | None = None, timeout_s: float = 10.0):
+        """autoflush=False holds metrics until flush(): the trainer flushes right after each checkpoint,
+        so the record never holds a step that a resume would train again. `outbox` is the journal's
+        directory (a temporary one if not given); `writer` names this process's journal in it."""
+        self.enabled, self.autoflush = enabled, autoflush
+        self.tracking_uri, self.experiment, self.timeout_s = tracking_uri, experiment, timeout_s
+        self.run_id: str | None = None
+        self.run_key: str | None = None
+        self.started_at: float | None = None
+        self.checkpoint_artifacts = False  # set_tags({"ldot.checkpoint": DIR}) also uploads DIR
+        self._buffer: list[list] = []
+        self._info_dirs: list[Path] = []
+        self._journal: Journal | None = None
+        self._sender: Sender | None = None
+        self._system: SystemMetrics | None = None
+        self._closed = self._append_failed = False
+        self._lock = threading.Lock()
+        if enabled:
+            self._open(outbox, writer)
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def _open(self, outbox: str | Path | None, writer: str | None) -> None:
+        directory = Path(outbox) if outbox else Path(tempfile.mkdtemp(prefix="ldot-mlflow-outbox-"))
+        journal = Journal(directory, writer or writer_name())
+        if not journal.acquire():  # another live process writes under this name: take one of our own
+            journal = Journal(directory, f"{journal.writer}-{os.getpid()}")
+            journal.acquire()
+        self._journal = journal
+
+    def _bind(self, key: str, run_id: str | None) -> None:
+        """Tie the journal to this run and start sending. Another run's unsent leftovers in the journal
+        (a job started afresh in an old output directory) are set aside under a writer name of their own."""
+        journal = self._journal
+        meta = journal.read_meta()
+        if meta.get("run_key") not in (None, key) and journal.backlog() > 0:
+            other = journal.set_aside()
+            log.warning("unsent MLflow records of an earlier run in %s are kept as %s.jsonl; "
+                        "`python -m eval sync %s` sends them", journal.dir, other, journal.dir)
+        self.run_key, self.run_id = key, run_id
+        self._write_meta()
+        delivery = Delivery(self.tracking_uri, self.experiment, on_run=self._on_run)
+        if run_id:
+            delivery.run_ids[key] = run_id
+        self._sender = Sender(journal, delivery)
+        atexit.register(self._at_exit)
+
+    def _write_meta(self) -> None:
+        self._journal.write_meta({"tracking_uri": self.tracking_uri, "experiment": self.experiment,
+                                  "run_key": self.run_key, "run_id": self.run_id, "host": socket.gethostname(),
+                                  "pid": os.getpid()})
+
+    def _on_run(self, key: str, run_id: str) -> None:
+        """The sender created or found the run (called on its thread)."""
+        if key != self.run_key or run_id == self.run_id:
+            return
+        self.run_id = run_id
+        self._write_meta()
+        for d in self._info_dirs:
+            self._write_info_file(d)
+
+    def _emit(self, ops: list[dict], sync: bool = False) -> None:
+        if self._journal is None or self._sender is None:
+            raise RuntimeError("Tracker: call start() or attach() before recording")
+        if self._closed:
+            log.warning("Tracker: a record after finish() is dropped: %s", ops[0].get("op"))
+            return
+        try:
+            self._journal.append(ops, sync=sync)
+        except OSError as exc:  # a full or vanished disk costs records, never the training run
+            if not self._append_failed:
+                log.warning("MLflow records cannot be kept in %s (%s); they are dropped", self._journal.path, exc)
+            self._append_failed = True
+            return
+        self._sender.kick()
+
+    def _at_exit(self) -> None:
+        """A process that never called finish() (eval attaching to a run) still sends what it logged."""
+        if self._closed or self._sender is None:
+            return
+        if self.autoflush:
+            self.flush()
+        self._close(self.timeout_s)
+
+    def _close(self, timeout: float) -> bool:
+        self._closed = True
+        done = self._sender.drain(timeout)
+        self._sender.close()
+        if done:
+            self._journal.remove()
+        else:
+            log.warning("%d bytes of MLflow records are not sent yet; they are kept in %s and "
+                        "`python -m eval sync %s` sends them", self._journal.backlog(), self._journal.path,
+                        self._journal.dir)
+            self._journal.release()
+        return done
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def start(self, run_name: str | None = None, tags: dict[str, str] | None = None) -> str | None:
-        if self.enabled:
-            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags or {})
-            self.run_id = run.info.run_id
+    def start(self, run_name: str | None = None, tags: dict[str, str] | None = None, *,
+              sweep: str | None = None, parent_run_id: str | None = None) -> str | None:
+        """Start a new run, nested under `parent_run_id` or the parent run of `sweep` if given.
+        Returns its id, or None while the server has not answered (the run is created when it does)."""
+        if not self.enabled:
+            return None
+        key = new_key()
+        self._bind(key, None)
+        start = now_ms()
+        self.started_at = start / 1000
+        self._emit([{"op": "run", "key": key, "name": run_name, "tags": {k: str(v) for k, v in (tags or {}).items()},
+                     "start_time": start, "sweep": sweep, "parent_run_id": parent_run_id}], sync=True)
+        if not self._sender.drain(self.timeout_s) and self.run_id is None and not self._sender.last_error:
+            log.warning("MLflow run not created within %.0f s; training goes on, records are kept in %s",
+                        self.timeout_s, self._journal.dir)
         return self.run_id
 
     @classmethod
-    def attach(cls, info: dict, autoflush: bool = True) -> "Tracker":
-        """Continue an existing run (e.g. eval logging into the run that trained the checkpoint)."""
-        tracker = cls(info["tracking_uri"], info["experiment"], autoflush=autoflush)
-        tracker.run_id = info["run_id"]
+    def attach(cls, info: dict, autoflush: bool = True, *, outbox: str | Path | None = None,
+               writer: str | None = None, timeout_s: float = 10.0, records: bool = True) -> "Tracker":
+        """Continue an existing run (e.g. eval logging into the run that trained the checkpoint).
+        `info` is what info() returned (mlflow_run.json). By default the journal goes to the run's
+        outbox if it is here, else to ./mlflow_outbox. records=False: a rank that sends only its system
+        metrics."""
+        if outbox is None:
+            known = Path(info["outbox"]) if info.get("outbox") else None
+            outbox = known if known is not None and known.parent.is_dir() else Path.cwd() / OUTBOX_DIR
+        tracker = cls(info["tracking_uri"], info["experiment"], autoflush=autoflush, outbox=outbox, writer=writer,
+                      timeout_s=timeout_s)
+        tracker.started_at = info.get("started_at") or time.time()
+        tracker._bind(info.get("run_key") or info["run_id"], info.get("run_id"))
+        tracker.enabled = records
         return tracker
 
     def info(self) -> dict[str, Any]:
-        return {"tracking_uri": self.tracking_uri, "experiment": self.experiment, "run_id": self.run_id}
+        return {"tracking_uri": self.tracking_uri, "experiment": self.experiment, "run_id": self.run_id,
+                "run_key": self.run_key, "started_at": self.started_at,
+                "outbox": str(self._journal.dir.resolve()) if self._journal else None}
 
     def write_info(self, directory: str | Path) -> None:
+        """Write mlflow_run.json into `directory` (again once the run id is known, if it is not yet)."""
         if self.enabled:
-            Path(directory).mkdir(parents=True, exist_ok=True)
-            (Path(directory) / RUN_FILE).write_text(json.dumps(self.info(), indent=2))
+            d = Path(directory)
+            if d not in self._info_dirs:
+                self._info_dirs.append(d)
+            self._write_info_file(d)
+
+    def _write_info_file(self, d: Path) -> None:
+        with self._lock:
+            d.mkdir(parents=True, exist_ok=True)
+            tmp = d / f".{RUN_FILE}.tmp"
+            tmp.write_text(json.dumps(self.info(), indent=2))
+            os.replace(tmp, d / RUN_FILE)
 
     def set_status(self, status: str) -> None:
-        if self.enabled and self.run_id:
-            self.client.update_run(self.run_id, status=status)
+        if self.enabled and self.run_key:
+            self._emit([{"op": "status", "key": self.run_key, "status": status, "time": now_ms()}])
 
-    def finish(self, status: str = "FINISHED") -> None:
-        if self.enabled and self.run_id:
+    def finish(self, status: str = "FINISHED") -> bool:
+        """End the run and wait up to timeout_s for the records to reach the server. Returns whether
+        they did. A FAILED run with autoflush=False drops the records held since the last checkpoint:
+        a resume trains those steps again and records them then."""
+        if self._closed or self._sender is None:
+            return True
+        if self._system is not None:
+            self._system.stop()
+        if self.enabled:
+            if status == "FAILED" and not self.autoflush and self._buffer:
+                log.info("%d step records after the last checkpoint are not sent (a resume records them)",
+                         len(self._buffer))
+                self._buffer.clear()
             self.flush()
-            self.client.set_terminated(self.run_id, status=status)
+            self.set_status(status)
+        return self._close(self.timeout_s)
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until what has been recorded (and flushed) has reached the server."""
+        return True if self._sender is None else self._sender.drain(self.timeout_s if timeout is None else timeout)
 
     # -- records -----------------------------------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        from mlflow.entities import Param
-
-        items = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+        items = [[k, _param_value(v)] for k, v in params.items()]
+        self._emit([{"op": "log", "key": self.run_key, "params": items[i:i + _PARAMS_PER_OP]}
+                    for i in range(0, len(items), _PARAMS_PER_OP)])
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        if self.enabled:
-            for k, v in tags.items():
-                self.client.set_tag(self.run_id, k, str(v))
+        if not self.enabled or not tags:
+            return
+        items = [[k, str(v)] for k, v in tags.items()]
+        self._emit([{"op": "log", "key": self.run_key, "tags": items[i:i + _PARAMS_PER_OP]}
+                    for i in range(0, len(items), _PARAMS_PER_OP)])
+        if self.checkpoint_artifacts and tags.get("ldot.checkpoint"):
+            self.log_artifact(tags["ldot.checkpoint"], "checkpoint")
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
             return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self._buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
-        if self.autoflush and len(self._buffer) >= _BATCH:
+        now = now_ms()
+        self._buffer.extend([k, float(v), now, int(step)] for k, v in metrics.items())
+        if self.autoflush:
             self.flush()
 
     def pending(self) -> list[list]:
         """Records not yet sent, as [key, value, timestamp, step] rows (stored in each checkpoint)."""
-        return [[m.key, m.value, m.timestamp, m.step] for m in self._buffer]
+        return [list(row) for row in self._buffer]
 
     def replay(self, rows: list[list]) -> None:
         """Send records saved in a checkpoint. The store ignores exact duplicates, so rows that did
         reach it before a crash are not recorded twice."""
         if self.enabled and rows:
-            from mlflow.entities import Metric
-
-            self._buffer.extend(Metric(k, float(v), int(t), int(s)) for k, v, t, s in rows)
+            self._buffer.extend([k, float(v), int(t), int(s)] for k, v, t, s in rows)
             self.flush()
 
     def flush(self) -> None:
+        """Hand the held metrics to the outbox (they are sent in the background)."""
         if self.enabled and self._buffer:
-            for i in range(0, len(self._buffer), 1000):
-                self.client.log_batch(self.run_id, metrics=self._buffer[i:i + 1000])
-            self._buffer.clear()
+            rows, self._buffer = self._buffer, []
+            self._emit([{"op": "log", "key": self.run_key, "metrics": rows[i:i + _METRICS_PER_OP]}
+                        for i in range(0, len(rows), _METRICS_PER_OP)])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        if self.enabled:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        """A file (copied now if small, so later changes do not leak in) or a directory (sent as it is
+        when the server answers)."""
+        if not self.enabled:
+            return
+        path = Path(path).resolve()
+        owned = path.is_file() and path.stat().st_size <= _COPY_BYTES
+        if owned:
+            copy = self._journal.own_file(path.name)
+            shutil.copy2(path, copy)
+            path = copy
+        self._emit([{"op": "artifact", "key": self.run_key, "path": str(path), "artifact_path": artifact_path,
+                     "owned": owned}])
+
+    log_artifacts = log_artifact
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        if self.enabled:
-            self.client.log_text(self.run_id, text, artifact_file)
+        if not self.enabled:
+            return
+        where = Path(artifact_file)
+        copy = self._journal.own_file(where.name)
+        copy.write_text(text)
+        self._emit([{"op": "artifact", "key": self.run_key, "path": str(copy),
+                     "artifact_path": str(where.parent) if str(where.parent) != "." else None, "owned": True}])
+
+    def start_system_metrics(self, node_id: str, interval_s: float, device_index: int | None = None) -> None:
+        """Sample this process's machine every interval_s seconds as system/<node_id>/<name>; the step
+        is the seconds since the run started, so a resumed job continues the curves."""
+        if self._sender is None or interval_s <= 0 or self._system is not None:
+            return
+
+        def emit(metrics: dict[str, float], step: int) -> None:
+            now = now_ms()
+            self._emit([{"op": "log", "key": self.run_key,
+                         "metrics": [[f"system/{node_id}/{k}", float(v), now, step] for k, v in metrics.items()]}])
+
+        self._system = SystemMetrics(emit, self.started_at or time.time(), interval_s, device_index)
+        self._system.start()
+
+
+class SystemMetrics:
+    """MLflow's system monitors (CPU, memory, disk, network; NVIDIA GPU when nvidia-ml-py is installed,
+    restricted to this rank's GPU) plus this process's own memory, sampled on a daemon thread.
+
+    MLflow's SystemMetricsMonitor itself stops for good at the first failed request; here samples go to
+    the outbox like every other record."""
+
+    def __init__(self, emit: Callable[[dict, int], None], started_at: float, interval_s: float,
+                 device_index: int | None = None):
+        from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+        from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
+        from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
+
+        self.monitors = [CPUMonitor(), DiskMonitor(), NetworkMonitor(), _ProcessMonitor()]
+        gpu = _gpu_monitor(device_index)
+        if gpu is not None:
+            self.monitors.append(gpu)
+        self.emit, self.started_at, self.interval_s = emit, started_at, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="system-metrics", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._sample_and_emit()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample_and_emit()
+
+    def _sample_and_emit(self) -> None:
+        try:
+            metrics: dict[str, float] = {}
+            for monitor in self.monitors:
+                monitor.collect_metrics()
+                metrics.update(monitor.aggregate_metrics())
+                monitor.clear_metrics()
+            self.emit(metrics, int(time.time() - self.started_at))
+        except Exception as exc:  # a sampler must never take training down
+            log.debug("system metrics sample failed: %s", exc)
+
+
+class _ProcessMonitor:
+    """This rank's own resident memory and, on GPU, the memory torch holds (the node's totals are
+    shared by every rank on it). The interface of MLflow's monitors."""
+
+    def __init__(self):
+        import psutil
+
+        self._proc, self._metrics = psutil.Process(), {}
+
+    def collect_metrics(self):
+        import torch
+
+        samples = {"process_memory_rss_megabytes": self._proc.memory_info().rss / 1e6}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            samples["torch_cuda_max_allocated_megabytes"] = torch.cuda.max_memory_allocated() / 1e6
+        for k, v in samples.items():
+            self._metrics[k] = max(v, self._metrics.get(k, v))
+
+    def aggregate_metrics(self):
+        return {k: round(v, 1) for k, v in self._metrics.items()}
+
+    def clear_metrics(self):
+        self._metrics = {}
+
+
+def _gpu_monitor(device_index: int | None):
+    try:
+        from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+
+        monitor = GPUMonitor()
+    except Exception:  # no nvidia-ml-py, or no GPU
+        return None
+    if device_index is not None:
+        try:
+            import pynvml
+            import torch
+
+            want = str(torch.cuda.get_device_properties(device_index).uuid)
+            mine = [h for h in monitor.gpu_handles if want in str(pynvml.nvmlDeviceGetUUID(h))]
+            if mine:
+                monitor.gpu_handles = mine
+        except Exception as exc:
+            log.debug("GPU monitor reports every GPU of the node: %s", exc)
+    return monitor
+
+
+# --------------------------------------------------------------------------------------------
+# The training job's run
+
+
+def job_params(cfg, world_size: int, ds_config: dict, manifest) -> dict[str, Any]:
+    """What defines a training job: the resolved config, the DeepSpeed config, the world, the code,
+    the data (manifest hashes), the Slurm ids."""
+    from data.schema import MANIFEST
+    from train.config import flatten, to_dict
+
+    params: dict[str, Any] = flatten(to_dict(cfg))
+    params.update({"world_size": world_size, "zero_stage": ds_config.get("zero_optimization", {}).get("stage", 0),
+                   "data.train.images": manifest.num_samples})
+    params.update({f"deepspeed.{k}": v for k, v in flatten(ds_config).items()})
+    params.update(git_state())
+    for split in ("train", "val"):
+        directory = getattr(cfg.data, split, None)
+        if directory and (Path(directory) / MANIFEST).is_file():
+            params[f"data.{split}.manifest_sha256"] = _file_sha256(Path(directory) / MANIFEST)
+    params.update({tag: os.environ[var] for var, tag in _SLURM.items() if os.environ.get(var)})
+    return params
+
+
+def start_job_tracking(cfg, out: str | Path, dist, ds_config: dict, manifest, resuming: bool) -> Tracker:
+    """Start (or, resuming, continue) the job's run on rank 0 and share it with every rank; returns
+    this rank's Tracker. Rank 0 also writes config.yaml and mlflow_run.json into `out`."""
+    from train.config import dump_config
+
+    out, tc = Path(out), cfg.tracking
+    outbox = out / OUTBOX_DIR
+    autoflush = not cfg.checkpoint.every_steps
+    tracker = None
+    if dist.is_main:
+        run_file = out / RUN_FILE
+        if resuming and run_file.is_file():
+            tracker = Tracker.attach(json.loads(run_file.read_text()), autoflush=autoflush, outbox=outbox,
+                                     writer=writer_name(0), timeout_s=tc.timeout_s)
+            tracker.set_status("RUNNING")
+            tracker.set_tags(slurm_tags())
+        else:
+            tracker = _start_run(cfg, out, dist, ds_config, manifest, outbox, autoflush)
+        dump_config(cfg, out / "config.yaml")
+        tracker.log_artifact(out / "config.yaml", "config")
+        tracker.write_info(out)
+        tracker.checkpoint_artifacts = tc.log_checkpoint
+    info = _broadcast(tracker.info() if tracker else None, dist)
+    if tracker is None:
+        if tc.system_metrics_every_s > 0:
+            tracker = Tracker.attach(info, autoflush=autoflush, outbox=outbox, writer=writer_name(dist.rank),
+                                     timeout_s=tc.timeout_s, records=False)
+        else:
+            tracker = Tracker(info["tracking_uri"], info["experiment"], enabled=False)
+    device = dist.device.index if getattr(dist.device, "type", "cpu") == "cuda" else None
+    tracker.start_system_metrics(f"{socket.gethostname()}-rank{dist.rank}", tc.system_metrics_every_s, device)
+    return tracker
+
+
+def _start_run(cfg, out: Path, dist, ds_config: dict, manifest, outbox: Path, autoflush: bool) -> Tracker:
+    tc = cfg.tracking
+    tracker = Tracker(resolve_tracking_uri(tc.tracking_uri, out), tc.experiment, autoflush=autoflush,
+                      outbox=outbox, writer=writer_name(0), timeout_s=tc.timeout_s)
+    sweep, parent = sweep_of(tc)
+    name = tc.run_name
+    if name is None and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        name = f"task-{os.environ['SLURM_ARRAY_TASK_ID']}"
+    git = git_state()
+    tags = {**slurm_tags(), "ldot.task": cfg.task, "ldot.output_dir": str(out.resolve()),
+            "mlflow.source.name": "python -m train", "mlflow.user": _user()}
+    if git:
+        tags["mlflow.source.git.commit"] = git["git.commit"]
+    tracker.start(name, tags=tags, sweep=sweep, parent_run_id=parent)
+    tracker.log_params(job_params(cfg, dist.world_size, ds_config, manifest))
+    tracker.log_text(json.dumps(ds_config, indent=2, default=str), "config/deepspeed.json")
+    source = Path(cfg.engine.deepspeed_config)
+    if source.is_file():
+        tracker.log_artifact(source, "config/deepspeed_source")
+    from data.schema import MANIFEST
+
+    for split in ("train", "val"):
+        directory = getattr(cfg.data, split, None)
+        if directory and (Path(directory) / MANIFEST).is_file():
+            tracker.log_artifact(Path(directory) / MANIFEST, f"data/{split}")
+    return tracker
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def _broadcast(info: dict | None, dist) -> dict:
+    if dist.world_size == 1:
+        return info
+    import torch.distributed
+
+    box = [info]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]

@@ -134,6 +134,7 @@ class Journal:
         if not lines:
             return
         with self._lock:
+            self.dir.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as f:
                 f.write(lines)
                 f.flush()
@@ -336,9 +337,9 @@ class Delivery:
     # -- operations -----------------------------------------------------------------------------
     def _create_run(self, op: dict) -> None:
         key = op["key"]
-        if key in self.run_ids or self._find_run(key):
-            self.run_ids.setdefault(key, self._find_run(key) if key not in self.run_ids else self.run_ids[key])
-            self._resolved(key, self.run_ids[key])
+        existing = self.run_ids.get(key) or self._find_run(key)
+        if existing:  # created before (an answer lost, or a replayed journal)
+            self._resolved(key, existing)
             return
         tags = {**op.get("tags", {}), "ldot.run_key": key}
         parent = op.get("parent_run_id")
@@ -457,8 +458,8 @@ class Delivery:
 
     def _reject(self, journal: Journal, op: dict, exc: BaseException) -> None:
         self.rejected += 1
-        log.warning("MLflow refused a record (%s); it is kept in %s", _short(exc), journal.dir / "rejected.jsonl")
-        with open(journal.dir / "rejected.jsonl", "a") as f:
+        log.warning("MLflow refused a record (%s); it is kept in %s", _short(exc), journal.dir / "rejected.log")
+        with open(journal.dir / "rejected.log", "a") as f:
             f.write(json.dumps({"writer": journal.writer, "error": _short(exc), "op": op}) + "\n")
 
 
