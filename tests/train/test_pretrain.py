@@ -1,4 +1,5 @@
-"""Pretraining end to end on CPU: `python -m train task=pretrain` in bf16 under 2 ranks, on real synth
+"""Pretraining end to end on CPU: `python -m train task=pretrain` in bf16 with ZeRO-2 CPU optimizer offload
+and 2-step gradient accumulation under 2 ranks, on real synth
 shards that carry class distributions, so every task (CMR, VMLM, MRFR, MRC-kl) runs through DeepSpeed."""
 import json
 import os
@@ -24,7 +25,7 @@ def test_bf16_pretraining_runs_every_task(tmp_path, tiny_text_encoder):
                            "-m", "train", "--config", "train/configs/demo.yaml", f"output_dir={out}",
                            f"data.train={data / 'train'}", f"model.text_encoder={tiny_text_encoder}",
                            "model.image_layers=1", "data.batch_size=4", "optim.max_steps=12", "engine.precision=bf16",
-                           "optim.grad_accum=2", "task=pretrain", "pretrain.cmr=1", "pretrain.vmlm=1", "pretrain.mrfr=1", "pretrain.mrckl=1"],
+                           "optim.grad_accum=2", "engine.deepspeed_config=deepspeed_configs/zero2-offload.json", "task=pretrain", "pretrain.cmr=1", "pretrain.vmlm=1", "pretrain.mrfr=1", "pretrain.mrckl=1"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     from mlflow.tracking import MlflowClient
