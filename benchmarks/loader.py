@@ -28,8 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data.batching import budget_batches  # noqa: E402  (after the path fix)
-from data.convert.captions import multi30k_files, read_multi30k  # noqa: E402
+from data.convert.captions import multi30k_files, read_multi30k  # noqa: E402  (after the path fix)
 from data.loader import TrainLoader  # noqa: E402
 from data.writer import DatasetWriter  # noqa: E402
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_random_dataset
+from datafixtures import write_random_dataset
 from data.batching import budget_batches, pad
 from data.loader import TrainLoader
 

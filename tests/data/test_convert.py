@@ -9,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from conftest import real_data
+from datafixtures import real_data
 from data import DataError, schema
 from data.__main__ import build_parser
 from data.convert import run_convert

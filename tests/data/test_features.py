@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import real_data
+from datafixtures import real_data
 from data.features import EfficientNetLite0Grid, thumbnail_jpeg
 
 CLIFF, FOOTBALL_HELMET = 972, 560  # ImageNet class indices

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BAD_SAMPLES, good_members, truncate, write_raw_dataset
+from datafixtures import BAD_SAMPLES, good_members, truncate, write_raw_dataset
 from data import DataError, schema
 from data.loader import EpochPlan, TrainLoader, load_eval_split
 

@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from data import schema, synth
 from data.reader import ErrorPolicy, read_shard

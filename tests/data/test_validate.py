@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BAD_SAMPLES, good_members, truncate, write_raw_dataset, write_random_dataset
+from datafixtures import BAD_SAMPLES, good_members, truncate, write_raw_dataset
 from data.validate import check_dataset
 
 REPO = Path(__file__).resolve().parents[2]

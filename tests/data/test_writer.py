@@ -5,7 +5,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from conftest import write_random_dataset
+from datafixtures import write_random_dataset
 from data import DataError, schema
 from data.writer import DatasetWriter
 
