@@ -79,7 +79,7 @@ def build_index(embeddings, kind: IndexType = "exact", *, nlist: int | None = No
         index, params = build_exact_index(emb), {}
     elif kind == "ivf":
         nlist = nlist or default_nlist(n)
-        nprobe = min(nlist, nprobe or max(1, nlist // 8))
+        nprobe = min(nlist, nprobe or max(8, nlist // 8))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
         index.cp.seed = seed
         index.train(emb)

@@ -78,7 +78,7 @@ def _ranks_topk(top: TopK, cap_img: torch.Tensor, depth_needed: int) -> tuple[to
     per_image = torch.bincount(cap_img, minlength=n_img)
     for name, ids, m, pool in (("ir", top.ir_ids, 1, top.num_images),
                                ("tr", top.tr_ids, int(per_image.max()), top.num_captions)):
-        if ids.shape[1] < min(depth_needed + m, pool):
+        if len(ids) and ids.shape[1] < min(depth_needed + m, pool):
             raise ValueError(f"TopK {name} rows are {ids.shape[1]} deep; recall@{depth_needed} needs "
                              f"{min(depth_needed + m, pool)} (max k + {m} positives per query)")
 

@@ -1,0 +1,122 @@
+"""Re-ranking: a second, costlier scorer applied to the first stage's top M (the paper's M = 20 or 50).
+
+A `Reranker` scores (caption text, image row) pairs. `rerank_topk` re-orders the first M candidates of
+every row of a TopK by that score (optionally mixed with the first-stage score) and leaves the rest
+where they were, below; the result is a TopK again, so recall after re-ranking is computed by the
+same eval.metrics.retrieval_recall as before.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from eval.metrics import TopK
+
+
+class Reranker(ABC):
+    """Scores pairs: higher = better match. Implementations may cache per text and per image."""
+
+    @abstractmethod
+    def score_pairs(self, texts: Sequence[str], rows: np.ndarray) -> np.ndarray:
+        """scores[i] for (texts[i], image row rows[i])."""
+
+    def score(self, query: str, candidates: Sequence[int]) -> np.ndarray:
+        """One text query against candidate image rows."""
+        return self.score_pairs([query] * len(candidates), np.asarray(candidates))
+
+    def reset(self) -> None:
+        """Forget anything cached (so a timed pass pays the full cost)."""
+
+
+class DualEncoderReranker(Reranker):
+    """Another dual encoder (a different checkpoint) scoring pairs by its own <text, image> product.
+
+    Images are encoded on demand from their region features (an ImageStore) and cached."""
+
+    def __init__(self, model, tokenizer, store, *, max_text_len: int = 32, device="cpu", batch_size: int = 64):
+        self.model, self.tokenizer, self.store = model, tokenizer, store
+        self.max_text_len, self.device, self.batch_size = max_text_len, device, batch_size
+        self._text: dict[str, torch.Tensor] = {}
+        self._image: dict[int, torch.Tensor] = {}
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint, store, device="cpu", **kw) -> "DualEncoderReranker":
+        from train.model import load_dual_encoder
+
+        tokenizer, model, meta = load_dual_encoder(checkpoint, device=device)
+        if meta.get("feature_dim") not in (None, store.feature_dim):
+            from eval.errors import EvalError
+
+            raise EvalError(f"{checkpoint}: re-ranker was trained on {meta['feature_dim']}-d features, "
+                            f"{store.data_dir} has {store.feature_dim}")
+        return cls(model, tokenizer, store, max_text_len=meta.get("max_text_len", 32), device=device, **kw)
+
+    def reset(self) -> None:
+        self._text.clear()
+        self._image.clear()
+
+    def _fill(self, texts: Sequence[str], rows: np.ndarray) -> None:
+        from eval.recall import encode_images, encode_queries
+
+        new_t = sorted({t for t in texts if t not in self._text})
+        if new_t:
+            emb = encode_queries(self.model, self.tokenizer, new_t, max_text_len=self.max_text_len,
+                                 batch_size=self.batch_size, device=self.device)
+            self._text.update(zip(new_t, torch.from_numpy(emb)))
+        new_i = sorted({int(r) for r in rows if int(r) not in self._image})
+        if new_i:
+            batches = (self.store.batch(new_i[s:s + self.batch_size]) for s in range(0, len(new_i), self.batch_size))
+            emb = encode_images(self.model, batches, device=self.device)
+            self._image.update(zip(new_i, torch.from_numpy(emb)))
+
+    def score_pairs(self, texts: Sequence[str], rows: np.ndarray) -> np.ndarray:
+        self._fill(texts, rows)
+        t = torch.stack([self._text[x] for x in texts])
+        i = torch.stack([self._image[int(r)] for r in rows])
+        return (t * i).sum(-1).numpy()
+
+
+def rerank_row(ids: np.ndarray, scores: np.ndarray, new: np.ndarray, m: int, first_weight: float = 0.0):
+    """(ids, scores) of one row with its first m entries re-scored by `new` (length m, mixed with
+    first_weight x the first-stage score) and re-sorted; entries after m keep their order and ties,
+    shifted to score below every re-ranked one."""
+    m = min(m, int((ids >= 0).sum()))
+    head = new[:m] + first_weight * scores[:m]
+    order = np.argsort(-head, kind="stable")
+    out_ids, out_scores = ids.copy(), scores.astype(np.float64)
+    out_ids[:m], out_scores[:m] = ids[:m][order], head[order]
+    tail = out_scores[m:]
+    if len(tail) and m:
+        valid = ids[m:] >= 0
+        if valid.any():
+            tail[valid] = tail[valid] - tail[valid].max() + head.min() - 1.0
+        tail[~valid] = -np.inf
+    return out_ids, out_scores
+
+
+def rerank_topk(top: TopK, captions: Sequence[str], reranker: Reranker, m: int, *, first_weight: float = 0.0,
+                directions: tuple[str, ...] = ("ir", "tr")) -> TopK:
+    """Re-rank the top m of every row. ir rows: caption query -> image candidates; tr rows: image
+    query -> caption candidates (captions[c] is caption id c's text)."""
+    out = {}
+    for name in directions:
+        ids, scores, queries = getattr(top, f"{name}_ids"), getattr(top, f"{name}_scores"), getattr(top, f"{name}_query")
+        head = ids[:, :m]
+        if name == "ir":
+            texts = [captions[int(q)] for q in queries for _ in range(head.shape[1])]
+            rows = head.ravel()
+        else:
+            texts = [captions[int(c)] if c >= 0 else "" for c in head.ravel()]
+            rows = np.repeat(np.asarray(queries), head.shape[1])
+        valid = head.ravel() >= 0  # -1 pads rows shorter than the pool
+        new = np.zeros(len(rows))
+        new[valid] = reranker.score_pairs([t for t, v in zip(texts, valid) if v], rows[valid])
+        new = new.reshape(head.shape)
+        res = [rerank_row(ids[q], scores[q], new[q], m, first_weight) for q in range(len(ids))]
+        out[f"{name}_ids"] = np.stack([r[0] for r in res]) if res else ids
+        out[f"{name}_scores"] = np.stack([r[1] for r in res]) if res else scores
+    return replace(top, **out)

@@ -1,0 +1,38 @@
+"""Fixtures for eval tests: untrained tiny dual encoders exported like real checkpoints (no training:
+these tests check plumbing and agreement between paths, not quality)."""
+import pytest
+
+
+def _export(path, tiny_text_encoder, feature_dim, seed, projection):
+    import torch
+
+    from train.config import LossConfig, ModelConfig
+    from train.model import build_dual_encoder, export_dual_encoder
+
+    torch.manual_seed(seed)
+    tok, model = build_dual_encoder(ModelConfig(text_encoder=tiny_text_encoder, image_layers=1, dropout=0.0,
+                                                projection=projection),
+                                    LossConfig(normalize=True), feature_dim=feature_dim)
+    return export_dual_encoder(model.eval(), tok, path, {"feature_dim": feature_dim, "max_text_len": 32, "steps": 0})
+
+
+@pytest.fixture(scope="session")
+def test_split_dir(tiny_shards):
+    return tiny_shards / "test"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_text_encoder, test_split_dir):
+    from data.schema import read_manifest
+
+    fd = read_manifest(test_split_dir).feature_dim
+    return _export(tmp_path_factory.mktemp("ckpt") / "a", tiny_text_encoder, fd, seed=0, projection=False)
+
+
+@pytest.fixture(scope="session")
+def other_checkpoint(tmp_path_factory, tiny_text_encoder, test_split_dir):
+    """A second, different dual encoder (another seed, with projection heads): the re-ranker."""
+    from data.schema import read_manifest
+
+    fd = read_manifest(test_split_dir).feature_dim
+    return _export(tmp_path_factory.mktemp("ckpt") / "b", tiny_text_encoder, fd, seed=1, projection=True)
