@@ -10,7 +10,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("eval.recall_cmd", "eval.index_cmd", "eval.search_cmd")
+COMMANDS = ("eval.recall_cmd", "eval.index_cmd", "eval.search_cmd", "eval.compare_cmd", "eval.sync_cmd")
 
 
 def main(argv: list[str] | None = None) -> int:
