@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Stops the local cluster started by slurm/local/start.sh: cancels its jobs, stops slurmd and
+# slurmctld, and munged if start.sh started it (--keep-munge leaves it running). Safe to run twice.
+set -euo pipefail
+
+STATE=${LDOT_SLURM_LOCAL_DIR:-/var/tmp/ldot-slurm}
+CONF=$STATE/etc/slurm.conf
+keep_munge=0
+[[ ${1:-} == --keep-munge ]] && keep_munge=1
+[[ -d $STATE ]] || exit 0
+
+if [[ -z ${LDOT_SLURM_LOCKED:-} ]]; then
+    exec 9>"$STATE/.startstop.lock"
+    flock -w 300 9 || { echo "local slurm: another start/stop holds $STATE/.startstop.lock" >&2; exit 1; }
+fi
+
+# stop_pidfile FILE NAME: stop the process in FILE if it still is NAME (pids get reused).
+stop_pidfile() {
+    local file=$1 name=$2 pid
+    [[ -s $file ]] || return 0
+    pid=$(<"$file")
+    if [[ $pid =~ ^[0-9]+$ ]] && [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$name"* ]]; then
+        kill -TERM "$pid" 2>/dev/null || true
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    rm -f "$file"
+}
+
+if [[ -f $CONF ]] && SLURM_CONF=$CONF timeout 10 scontrol ping >/dev/null 2>&1; then
+    # Jobs first, so that no task outlives its slurmd.
+    SLURM_CONF=$CONF scancel --full --signal=KILL --user=root >/dev/null 2>&1 || true
+    for _ in $(seq 50); do
+        [[ -z $(SLURM_CONF=$CONF squeue -h -t running,completing -o %i 2>/dev/null) ]] && break
+        sleep 0.2
+    done
+fi
+stop_pidfile "$STATE/run/slurmd.pid" slurmd
+stop_pidfile "$STATE/run/slurmctld.pid" slurmctld
+[[ $keep_munge == 1 ]] || stop_pidfile "$STATE/run/munged.pid" munged
+exit 0

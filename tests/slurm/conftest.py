@@ -1,0 +1,134 @@
+"""A real single-node Slurm cluster (slurm/local/start.sh) for the tests of slurm/, started once per session.
+
+The fixture installs Debian's slurm-wlm and munge when they are missing (apt, as root), starts munged,
+slurmctld and slurmd with a slurm.conf generated from this machine, and stops them afterwards. It skips,
+saying why, where that cannot be done: not root, no apt-get, installation or start-up refused.
+A second test session on the same machine waits for the first to finish, then restarts the cluster afresh.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+LOCAL = ROOT / "slurm" / "local"
+STATE = Path(os.environ.get("LDOT_SLURM_LOCAL_DIR", "/var/tmp/ldot-slurm"))
+CANNOT = 77  # start.sh: "cannot run here"
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+@dataclass
+class SlurmCluster:
+    conf: Path
+
+    def env(self, output_root: Path, **extra: str) -> dict[str, str]:
+        """The environment of a submission: this cluster, this checkout, this Python, no site.env."""
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("SLURM_") and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                          "MASTER_PORT", "MLFLOW_TRACKING_URI")}
+        env.update(SLURM_CONF=str(self.conf), LDOT_ROOT=str(ROOT), LDOT_SITE_ENV="/dev/null",
+                   LDOT_PYTHON=sys.executable, LDOT_OUTPUT_ROOT=str(output_root), OMP_NUM_THREADS="1",
+                   HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        env.update(extra)
+        return env
+
+    def run(self, *cmd: str, env: dict | None = None, timeout: float = 60, check: bool = True):
+        proc = subprocess.run(list(cmd), cwd=ROOT, env=env or {**os.environ, "SLURM_CONF": str(self.conf)},
+                              capture_output=True, text=True, timeout=timeout)
+        if check:
+            assert proc.returncode == 0, f"{' '.join(cmd)}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        return proc
+
+    def sbatch(self, *args: str, env: dict, wait: bool = False, timeout: float = 300) -> tuple[str, int]:
+        """Submits; returns (job id, sbatch's exit code: the job's under --wait)."""
+        cmd = ["sbatch", "--parsable", *(["--wait"] if wait else []), *args]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        job = proc.stdout.strip().splitlines()[0].split(";")[0] if proc.stdout.strip() else ""
+        assert job, f"sbatch gave no job id: exit {proc.returncode}\n{proc.stderr}"
+        return job, proc.returncode
+
+    def jobs(self, job: str) -> list[dict[str, str]]:
+        """`scontrol show job -o` as dicts: one per job, or one per task of an array."""
+        out = self.run("scontrol", "show", "job", "-o", job, check=False).stdout
+        recs = []
+        for line in out.splitlines():
+            rec = {}
+            for field in line.split():
+                key, sep, value = field.partition("=")
+                if sep and key not in rec:
+                    rec[key] = value
+            if rec:
+                recs.append(rec)
+        return recs
+
+    def wait(self, job: str, timeout: float = 300) -> list[dict[str, str]]:
+        """Polls until every job (or array task) of `job` has ended; requeues count as still running."""
+        deadline = time.monotonic() + timeout
+        while True:
+            recs = self.jobs(job)
+            if recs and all(r.get("JobState") in TERMINAL for r in recs):
+                return recs
+            if time.monotonic() > deadline:
+                raise AssertionError(f"job {job} not finished after {timeout} s: {recs}")
+            time.sleep(1)
+
+
+def _logs(output_root: Path) -> str:
+    """Every log under the job's output root, for failure messages."""
+    parts = []
+    for path in sorted((output_root / "logs").rglob("*.log")) + sorted(output_root.glob("*.out")):
+        text = path.read_text(errors="replace")
+        parts.append(f"--- {path}\n{text[-4000:]}")
+    return "\n".join(parts)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    if os.geteuid() != 0:
+        pytest.skip("Slurm tests need root: they install slurm-wlm/munge with apt and run slurmd as root")
+    if not (shutil.which("slurmctld") and shutil.which("munged")) and not shutil.which("apt-get"):
+        pytest.skip("slurm-wlm/munge are not installed and there is no apt-get to install them")
+    # The cluster is one per machine: a second session waits for the first rather than restarting it
+    # under the first's running jobs.
+    STATE.mkdir(parents=True, exist_ok=True)
+    lock = open(STATE / ".session.lock", "w")
+    deadline = time.monotonic() + 900
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                lock.close()
+                pytest.skip(f"another test session has held the local Slurm cluster ({STATE}) for 15 minutes")
+            time.sleep(2)
+    try:
+        proc = subprocess.run([str(LOCAL / "start.sh")], capture_output=True, text=True, timeout=900)
+        if proc.returncode == CANNOT:
+            pytest.skip(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "slurm/local/start.sh: cannot start")
+        assert proc.returncode == 0, f"slurm/local/start.sh failed:\n{proc.stdout}\n{proc.stderr}"
+        yield SlurmCluster(conf=STATE / "etc" / "slurm.conf")
+    finally:
+        subprocess.run([str(LOCAL / "stop.sh")], capture_output=True, text=True, timeout=300)
+        lock.close()
+
+
+@pytest.fixture(scope="session")
+def demo_overrides(tiny_shards, tiny_text_encoder):
+    """Config overrides for train/configs/demo.yaml: tiny shards, a 2-layer 32-wide text encoder, batch 4."""
+    return [f"data.train={tiny_shards / 'train'}", f"model.text_encoder={tiny_text_encoder}", "data.batch_size=4",
+            "data.max_text_len=16"]
+
+
+@pytest.fixture
+def job_logs():
+    """job_logs(output_root) -> the text of every log of the jobs written under output_root."""
+    return _logs

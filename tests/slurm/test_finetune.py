@@ -1,0 +1,28 @@
+"""slurm/finetune.sbatch on a real Slurm: 2 tasks train on tiny demo shards, then recall lands in the run."""
+from mlflow.tracking import MlflowClient
+
+
+def test_finetune_two_tasks_records_job_and_recall(slurm_cluster, tmp_path, tiny_shards, demo_overrides, job_logs):
+    env = slurm_cluster.env(tmp_path)
+    job, rc = slurm_cluster.sbatch("--ntasks-per-node=2", f"--output={tmp_path}/%x-%j.out",
+                                   "slurm/finetune.sbatch", "--eval", str(tiny_shards / "test"),
+                                   "train/configs/demo.yaml", *demo_overrides, "optim.max_steps=4",
+                                   "tracking.experiment=slurm-finetune", env=env, wait=True)
+    assert rc == 0, job_logs(tmp_path)
+    (rec,) = slurm_cluster.wait(job)
+    assert rec["JobState"] == "COMPLETED" and rec["NumTasks"] == "2"
+
+    # Predictable places: outputs and logs named <job name>-<job id>, one log per task.
+    tag = f"ldot-finetune-{job}"
+    run_dir, log_dir = tmp_path / tag, tmp_path / "logs" / tag
+    assert (run_dir / "checkpoints" / "final" / "recall.json").is_file()
+    assert {p.name for p in log_dir.iterdir()} >= {"job.log", "train.0.log", "train.1.log", "eval.0.log"}
+    assert "launch: rank 1/2" in (log_dir / "train.1.log").read_text()
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("slurm-finetune").experiment_id])
+    assert run.data.tags["slurm.job_id"] == job
+    assert run.data.tags["mlflow.runName"] == tag
+    assert run.data.params["world_size"] == "2"
+    assert {"test/ar", "test/tr_r1", "test/ir_r1", "test/tr_r10", "test/ir_r10"} <= set(run.data.metrics)
+    assert 0.0 <= run.data.metrics["test/ar"] <= 1.0

@@ -1,0 +1,29 @@
+"""slurm/sweep.sbatch on a real Slurm: a 2-task array gives two runs in one experiment, each with its entry."""
+from mlflow.tracking import MlflowClient
+
+
+def test_sweep_array_runs_each_entry_in_one_experiment(slurm_cluster, tmp_path, demo_overrides, job_logs):
+    sweep = tmp_path / "lr.txt"
+    sweep.write_text("# two learning rates\noptim.lr=1e-5\n\noptim.lr=3e-5  optim.warmup_ratio=0.5   # a second key\n")
+    env = slurm_cluster.env(tmp_path)
+    job, _ = slurm_cluster.sbatch("--array=1-2", f"--output={tmp_path}/%x-%A_%a.out", "slurm/sweep.sbatch",
+                                   str(sweep), "train/configs/demo.yaml", *demo_overrides, "optim.max_steps=3",
+                                   "tracking.experiment=slurm-sweep", env=env)
+    recs = slurm_cluster.wait(job)  # polls each second; `sbatch --wait` polls every 10 s
+    assert sorted(r["JobState"] for r in recs) == ["COMPLETED", "COMPLETED"], job_logs(tmp_path)
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("slurm-sweep").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("mlflow.runName") == f"lr-{job}"]  # LDOT_SWEEP's default
+    by_task = {r.data.tags["slurm.array_task_id"]: r for r in runs if r is not parent}
+    assert sorted(by_task) == ["1", "2"], [r.data.tags for r in runs]
+    assert {r.data.tags["slurm.array_job_id"] for r in by_task.values()} == {job}
+    assert float(by_task["1"].data.params["optim.lr"]) == 1e-5
+    assert float(by_task["2"].data.params["optim.lr"]) == 3e-5
+    assert float(by_task["1"].data.params["optim.warmup_ratio"]) == 0.1  # demo.yaml's
+    assert float(by_task["2"].data.params["optim.warmup_ratio"]) == 0.5
+    for task, run in by_task.items():
+        assert run.data.tags["mlflow.runName"] == f"ldot-sweep-{job}_{task}"
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert (tmp_path / f"ldot-sweep-{job}_{task}" / "checkpoints" / "final").is_dir()
