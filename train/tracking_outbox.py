@@ -255,13 +255,14 @@ def _quote(value: str) -> str:
     return f"'{value}'"
 
 
-def ensure_sweep_parent(client, experiment_id: str, sweep: str, settle_s: float = SWEEP_SETTLE_S) -> str:
+def ensure_sweep_parent(client, experiment_id: str, sweep: str, settle_s: float | None = None) -> str:
     """The id of the parent run of `sweep` in the experiment, created by whichever member asks first.
 
     Race-safe for members that start at once (a Slurm array): each looks for runs tagged
     `ldot.sweep_parent=<sweep>` and creates one if there is none; then it waits `settle_s` and looks
     again, and every member takes the same one, the earliest by (start time, run id). A member whose
     parent lost deletes it. This holds when a create_run round trip takes under settle_s / 2."""
+    settle_s = SWEEP_SETTLE_S if settle_s is None else settle_s
     flt = f"tags.`ldot.sweep_parent` = {_quote(sweep)}"
     found = client.search_runs([experiment_id], flt, max_results=50)
     mine = None

@@ -108,7 +108,8 @@ def test_sweep_members_starting_at_once_share_one_parent(live_server):
     assert [p.info.run_id for p in parents] == ids[:1]
 
 
-def test_sweep_members_are_nested_and_the_parent_ends_with_them(live_server, tmp_path):
+def test_sweep_members_are_nested_and_the_parent_ends_with_them(live_server, tmp_path, monkeypatch):
+    monkeypatch.setattr("train.tracking_outbox.SWEEP_SETTLE_S", 1.0)  # one process: no race to wait out
     members = []
     for i in range(2):
         t = Tracker(live_server.uri, "sweep-nest", outbox=tmp_path, writer=f"m{i}")
@@ -152,3 +153,27 @@ def test_quotes_cannot_name_a_sweep(value):
 
     with pytest.raises(ValueError):
         sweep_of(Cfg)
+
+
+def test_log_checkpoint_uploads_the_encoders_the_tag_names(tmp_path):
+    """tracking.log_checkpoint: the final encoders as artifacts, not only the ldot.checkpoint reference;
+    a small file logged is the file as it was then (copied), a directory is sent as it is."""
+    final = tmp_path / "final"
+    (final / "text_encoder").mkdir(parents=True)
+    (final / "text_encoder" / "config.json").write_text("{}")
+    (final / "ldot.json").write_text('{"steps": 3}')
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "ckpt", outbox=tmp_path / "outbox", writer="rank0")
+    run_id = tracker.start("ckpt")
+    tracker.log_artifact(final / "ldot.json", "meta")
+    (final / "ldot.json").write_text('{"steps": 4}')  # changed after logging
+    tracker.checkpoint_artifacts = True
+    tracker.set_tags({"ldot.checkpoint": str(final)})
+    assert tracker.finish()
+    client = MlflowClient(uri)
+    assert client.get_run(run_id).data.tags["ldot.checkpoint"] == str(final)
+    assert {a.path for a in client.list_artifacts(run_id, "checkpoint")} == {"checkpoint/ldot.json",
+                                                                           "checkpoint/text_encoder"}
+    local = client.download_artifacts(run_id, "meta/ldot.json", str(tmp_path / "dl"))
+    assert json.loads(open(local).read()) == {"steps": 3}
+    assert client.get_experiment_by_name("ckpt").artifact_location.startswith((tmp_path / "mlartifacts").as_uri())
