@@ -30,6 +30,11 @@ def add_parser(sub) -> None:
                    help="rank from the full n_captions x n_images score matrix (small splits; a cross-check)")
     p.add_argument("--curve-k", type=int, default=50, help="largest K of the recall-at-K picture")
     p.add_argument("--figure-queries", type=int, default=4, help="text queries in the top-10 picture (0: none)")
+    p.add_argument("--rerank", metavar="CKPT", help="also re-rank each query's top M with this second dual encoder "
+                                                  "and report recall after")
+    p.add_argument("--rerank-top", type=int, default=20, metavar="M", help="candidates re-ranked (paper: 20 or 50)")
+    p.add_argument("--rerank-weight", type=float, default=0.0,
+                   help="re-ranked score = second model's score + this x first-stage score")
     p.add_argument("--cpu-index", action="store_true", help="keep FAISS on the CPU even with faiss-gpu and CUDA")
     p.add_argument("--out", help="recall JSON path (default: CHECKPOINT/recall.json; .md and .png files beside it)")
     p.add_argument("--no-log", action="store_true", help="do not record in the checkpoint's MLflow run")
@@ -93,7 +98,8 @@ def run(args) -> int:
     t_encode = time.perf_counter() - t0
     cap_img = split.caption_image
     curve_k = min(max(args.curve_k, *ks), split.num_images)
-    top = topk_from_embeddings(text_emb, image_emb, cap_img, curve_k, gpu=gpu, sharded=world > 1)
+    depth = max(curve_k, args.rerank_top if args.rerank else 0)
+    top = topk_from_embeddings(text_emb, image_emb, cap_img, depth, gpu=gpu, sharded=world > 1)
 
     full = None
     if args.pool:
@@ -119,6 +125,7 @@ def run(args) -> int:
     recall = (recall_from_embeddings(text_emb, image_emb, cap_img, ks, dense=True) if args.dense
               else retrieval_recall(top, cap_img, ks))
     chance = chance_recall(cap_img, split.num_images, ks)
+    reranked = _rerank(args, split, top, ks, device) if args.rerank else None
     seconds = time.perf_counter() - t0
 
     table = format_table(recall, chance, ks)
@@ -134,6 +141,13 @@ def run(args) -> int:
         print(full_table)
         md += f"\nFull setting ({full['num_images']} images, {full['num_captions']} captions):\n\n{full_table}\n"
 
+    if reranked:
+        rr_table = format_table(reranked["recall"], None, ks).replace("| model |", "| re-ranked |")
+        print(f"\nAfter re-ranking each query's top {args.rerank_top} with {args.rerank} "
+              f"({reranked['seconds']:.1f} s):\n")
+        print(rr_table)
+        md += f"\nAfter re-ranking the top {args.rerank_top} with {args.rerank}:\n\n{rr_table}\n"
+
     out = Path(args.out) if args.out else Path(args.checkpoint) / "recall.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"data": str(args.data), "checkpoint": str(args.checkpoint), "num_images": split.num_images,
@@ -141,6 +155,8 @@ def run(args) -> int:
               "seconds": round(seconds, 3), "ranks": world, "faiss_gpu": gpu}
     if full:
         record["full"] = full
+    if reranked:
+        record["rerank"] = reranked
     out.write_text(json.dumps(record, indent=2))
     out.with_suffix(".md").write_text(md)
     written = [out, out.with_suffix(".md")]
@@ -156,6 +172,8 @@ def run(args) -> int:
         tracker.log_metrics({f"test/chance_{k}": v for k, v in chance.items()}, step=step)
         if full:
             tracker.log_metrics({f"test/full_{k}": v for k, v in full["recall"].items()}, step=step)
+        if reranked:
+            tracker.log_metrics({f"test/rerank_{k}": v for k, v in reranked["recall"].items()}, step=step)
         tracker.flush()
         tracker.log_text(md, "recall/recall.md")
         for path in written:
@@ -168,6 +186,19 @@ def run(args) -> int:
               f"MLflow at {uri} did not answer; the records wait in the outbox (python -m eval sync sends them)")
         print(f"open the runs:  mlflow ui --backend-store-uri {uri}")
     return 0
+
+
+def _rerank(args, split, top, ks, device) -> dict:
+    """Recall after re-ranking each row's top M (both directions) with a second dual encoder."""
+    from eval.image_store import ImageStore
+    from eval.metrics import retrieval_recall
+    from eval.rerank import DualEncoderReranker, rerank_topk
+
+    t = time.perf_counter()
+    reranker = DualEncoderReranker.from_checkpoint(args.rerank, ImageStore(split.data_dir, split.keys), device=device)
+    after = rerank_topk(top, split.captions, reranker, args.rerank_top, first_weight=args.rerank_weight)
+    return {"checkpoint": str(args.rerank), "top": args.rerank_top, "weight": args.rerank_weight,
+            "recall": retrieval_recall(after, split.caption_image, ks), "seconds": time.perf_counter() - t}
 
 
 def _figures(args, split, top, curve_k: int, out: Path, model_name: str) -> list[Path]:

@@ -22,22 +22,29 @@ def embeddings(tiny_checkpoint, tiny_shards):
     return tok, model, out
 
 
-def test_recall_command_table_files_pictures_and_full_setting(tmp_path, tiny_checkpoint, tiny_shards, embeddings,
-                                                              capsys):
+def test_recall_command_table_files_pictures_full_setting_and_rerank(tmp_path, tiny_checkpoint, other_checkpoint,
+                                                                     tiny_shards, embeddings, capsys):
     from PIL import Image
 
+    from eval.image_store import ImageStore
     from eval.metrics import retrieval_recall
+    from eval.recall import topk_from_embeddings
+    from eval.rerank import DualEncoderReranker, rerank_topk
 
     out = tmp_path / "r" / "recall.json"
     assert main(["recall", "--checkpoint", str(tiny_checkpoint), "--data", str(tiny_shards / "test"),
                  "--out", str(out), "--no-log", "--curve-k", "20", "--pool", str(tiny_shards / "train"),
-                 "--batch-size", "64"]) == 0
+                 "--batch-size", "64", "--rerank", str(other_checkpoint), "--rerank-top", "8"]) == 0
     printed = capsys.readouterr().out
     assert "| model |" in printed and "| chance |" in printed and "Full setting" in printed
+    assert "| re-ranked |" in printed
     rec = json.loads(out.read_text())
     _, _, enc = embeddings
     split, txt, img = enc["test"]
     assert rec["recall"] == pytest.approx(retrieval_recall(txt @ img.T, split.caption_image), abs=1e-9)
+    reranker = DualEncoderReranker.from_checkpoint(other_checkpoint, ImageStore(split.data_dir, split.keys))
+    after = rerank_topk(topk_from_embeddings(txt, img, split.caption_image, 20), split.captions, reranker, 8)
+    assert rec["rerank"]["recall"] == pytest.approx(retrieval_recall(after, split.caption_image), abs=1e-9)
 
     # full setting by hand: test captions against test+train images, test images against all captions
     tr_split, tr_txt, tr_img = enc["train"]
