@@ -124,7 +124,10 @@ _ldot_on_term() {
 ldot_step() {
     local name=$1 tasks=$2
     shift 2
-    local -a opts=(--kill-on-bad-exit=1 --open-mode=append "--output=$LDOT_LOG_DIR/$name.%t.log")
+    # Once one task has ended the others get 120 s, then srun ends them: a crashed rank does not leave
+    # the rest hanging in a collective, and a preempted rank 0 still finishes its checkpoint and
+    # MLflow records (--kill-on-bad-exit would cut it short as soon as another rank exits 75).
+    local -a opts=(--kill-on-bad-exit=0 --wait=120 --open-mode=append "--output=$LDOT_LOG_DIR/$name.%t.log")
     # Since Slurm 22.05 srun no longer inherits --cpus-per-task from the batch job: pass it on, or
     # each task gets a single CPU for its data workers.
     if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then opts+=("--cpus-per-task=$SLURM_CPUS_PER_TASK"); fi
@@ -132,9 +135,6 @@ ldot_step() {
     ldot_log "step $name: $*"
     srun "${opts[@]}" "$LDOT_ROOT/slurm/launch.sh" "$@" &
     LDOT_STEP_PID=$!
-    if [[ $LDOT_STEP_FORWARDS_USR1 == 1 && $LDOT_PREEMPT_REQUESTED == 1 ]]; then
-        kill -USR1 "$LDOT_STEP_PID" 2>/dev/null || true  # asked before the step began
-    fi
     local rc
     while :; do
         rc=0
@@ -226,6 +226,10 @@ ldot_train_job() {
     if ((restarts > 0)) && [[ -f $run_dir/checkpoints/final/mlflow_run.json ]]; then
         ldot_log "restart $restarts: training had finished (checkpoints/final exists); not training again"
     else
+        if [[ $LDOT_PREEMPT_REQUESTED == 1 ]]; then
+            ldot_log "SIGUSR1 came before training started: requeueing without starting it"
+            ldot_requeue_or_exit
+        fi
         # `auto` is a fresh start in a new output directory and a resume after a requeue.
         LDOT_STEP_FORWARDS_USR1=1
         ldot_step train all "$LDOT_PYTHON" -m train --config "$config" "${overrides[@]}" --resume "${LDOT_RESUME:-auto}"

@@ -43,9 +43,11 @@ exec 9>"$STATE/.startstop.lock"
 flock -w 300 9 || fail "another start/stop holds $STATE/.startstop.lock"
 # (Daemons start with fd 9 closed, or they would hold this lock for as long as they run.)
 
-# -- a clean slate: the previous instance's daemons, jobs and state go ----------------------
+# -- a clean slate: the previous instance's daemons and jobs go ------------------------------
+# The controller's saved state stays: it holds the job id counter, and job ids must not start
+# again at 1, or a new job would reuse (and `--resume auto` continue) an old job's output directory.
 LDOT_SLURM_LOCKED=1 "$here/stop.sh" --keep-munge
-rm -rf "$STATE/statesave" "$STATE/spool" "$STATE/run" "$STATE/etc"
+rm -rf "$STATE/run" "$STATE/etc"  # (spool stays: a new slurmd finds orphaned steps through it)
 mkdir -p "$STATE/statesave" "$STATE/spool" "$STATE/run" "$STATE/log" "$STATE/etc"
 
 # -- munge: reuse a working daemon (e.g. the machine's own), else start one ----------------
@@ -80,7 +82,7 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 # A requeued job waits cred_expire seconds (default 120) before it may start again: keep tests short.
-AuthInfo=cred_expire=10
+AuthInfo=cred_expire=5
 StateSaveLocation=$STATE/statesave
 SlurmdSpoolDir=$STATE/spool
 SlurmctldPidFile=$STATE/run/slurmctld.pid
@@ -96,6 +98,8 @@ JobCompType=jobcomp/none
 MpiDefault=none
 SwitchType=switch/none
 SchedulerType=sched/backfill
+# Look at pending jobs (a requeued one waiting out cred_expire) every 2 s instead of every 30-60 s.
+SchedulerParameters=sched_interval=2,bf_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
@@ -111,10 +115,21 @@ PartitionName=local Nodes=$host Default=YES MaxTime=INFINITE State=UP
 CONF
 
 export SLURM_CONF=$CONF
-slurmctld -f "$CONF" 9>&- || fail "slurmctld did not start (see $STATE/log/slurmctld.log)"
-for _ in $(seq 100); do scontrol ping >/dev/null 2>&1 && break; sleep 0.2; done
-scontrol ping >/dev/null 2>&1 || fail "slurmctld does not answer (see $STATE/log/slurmctld.log)"
+start_ctld() {
+    slurmctld -i -f "$CONF" 9>&- || return 1
+    for _ in $(seq 100); do scontrol ping >/dev/null 2>&1 && return 0; sleep 0.2; done
+    return 1
+}
+if ! start_ctld; then  # unreadable saved state (e.g. another Slurm version): start from nothing
+    LDOT_SLURM_LOCKED=1 "$here/stop.sh" --keep-munge
+    rm -rf "$STATE/statesave" && mkdir -p "$STATE/statesave" "$STATE/run"
+    start_ctld || fail "slurmctld did not start (see $STATE/log/slurmctld.log)"
+fi
 slurmd -f "$CONF" 9>&- || fail "slurmd did not start (see $STATE/log/slurmd.log)"
+for _ in $(seq 50); do [[ $(sinfo -h -n "$host" -o %T 2>/dev/null) =~ ^(idle|mixed|allocated|completing) ]] && break; sleep 0.2; done
+# Jobs that an unclean stop left in the saved state must not run on here; slurmd is up, so their
+# surviving processes (found through the spool directory) are ended too.
+scancel --user=root >/dev/null 2>&1 || true
 
 state=""
 for _ in $(seq 150); do

@@ -55,6 +55,14 @@ class SlurmCluster:
         assert job, f"sbatch gave no job id: exit {proc.returncode}\n{proc.stderr}"
         return job, proc.returncode
 
+    def sbatch_via_submit(self, *args: str, env: dict) -> tuple[str, int]:
+        """slurm/submit (site settings from LDOT_SITE_ENV) instead of plain sbatch; returns (job id, exit code)."""
+        proc = subprocess.run([str(ROOT / "slurm" / "submit"), "--parsable", *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=60)
+        job = proc.stdout.strip().split(";")[0]
+        assert proc.returncode == 0 and job, f"slurm/submit: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        return job, proc.returncode
+
     def jobs(self, job: str) -> list[dict[str, str]]:
         """`scontrol show job -o` as dicts: one per job, or one per task of an array."""
         out = self.run("scontrol", "show", "job", "-o", job, check=False).stdout

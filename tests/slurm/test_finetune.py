@@ -1,4 +1,6 @@
 """slurm/finetune.sbatch on a real Slurm: 2 tasks train on tiny demo shards, then recall lands in the run."""
+import json
+
 from mlflow.tracking import MlflowClient
 
 
@@ -26,3 +28,13 @@ def test_finetune_two_tasks_records_job_and_recall(slurm_cluster, tmp_path, tiny
     assert run.data.params["world_size"] == "2"
     assert {"test/ar", "test/tr_r1", "test/ir_r1", "test/tr_r10", "test/ir_r10"} <= set(run.data.metrics)
     assert 0.0 <= run.data.metrics["test/ar"] <= 1.0
+
+    # eval.sbatch on the same export: one task, the recall table written where asked.
+    out = tmp_path / "recall-again.json"
+    job2, _ = slurm_cluster.sbatch(f"--output={tmp_path}/%x-%j.out", "slurm/eval.sbatch",
+                                   str(run_dir / "checkpoints" / "final"), "${LDOT_DATA_ROOT}/test", "--out", str(out),
+                                   "--no-log", env={**env, "LDOT_DATA_ROOT": str(tiny_shards)})
+    (rec2,) = slurm_cluster.wait(job2)
+    assert rec2["JobState"] == "COMPLETED", job_logs(tmp_path)
+    assert json.loads(out.read_text())["recall"] == json.loads((run_dir / "checkpoints" / "final" / "recall.json")
+                                                                .read_text())["recall"]

@@ -31,6 +31,7 @@ def test_requeued_job_resumes_and_trains_each_step_once(slurm_cluster, tmp_path,
     assert rec["JobState"] == "COMPLETED" and rec["Restarts"] == "1", logs
     job_log = (tmp_path / "logs" / f"ldot-finetune-{job}" / "job.log").read_text()
     assert "SIGUSR1: asking the tasks to checkpoint" in job_log and "requeued (restart 1" in job_log
+    assert "step train: exit 75" in job_log, "every rank leaves with the trainer's exit 75"
     train_log = (tmp_path / "logs" / f"ldot-finetune-{job}" / "train.0.log").read_text()
     assert "restart 1" in train_log and "resumed from" in train_log, logs
     resumed_at = int(train_log.split("resumed from", 1)[1].split("at step", 1)[1].split()[0])
@@ -46,14 +47,18 @@ def test_requeued_job_resumes_and_trains_each_step_once(slurm_cluster, tmp_path,
 
 
 def test_requeue_limit_stops_the_loop(slurm_cluster, tmp_path, demo_overrides, job_logs):
+    """With LDOT_MAX_REQUEUES=0 a preempted job ends (exit 75) instead of requeueing. The signal comes
+    while the config is being checked, so no training starts: the job goes straight to the decision."""
     env = slurm_cluster.env(tmp_path, LDOT_MAX_REQUEUES="0")
     job, _ = slurm_cluster.sbatch(f"--output={tmp_path}/%x-%j.out", "slurm/finetune.sbatch",
-                                  "train/configs/demo.yaml", *demo_overrides, f"optim.max_steps={STEPS}",
-                                  "checkpoint.every_steps=10", "tracking.experiment=slurm-limit", env=env)
-    _wait_for(tmp_path / f"ldot-finetune-{job}" / "checkpoints" / "step-00000010" / "COMPLETE", 240,
-              "first checkpoint", lambda: job_logs(tmp_path))
+                                  "train/configs/demo.yaml", *demo_overrides, "tracking.experiment=slurm-limit",
+                                  env=env)
+    job_log = tmp_path / "logs" / f"ldot-finetune-{job}" / "job.log"
+    _wait_for(job_log, 60, "job.log (the trap is set once it exists)", lambda: job_logs(tmp_path))
     slurm_cluster.run("scancel", "--signal=USR1", "--batch", job)
     (rec,) = slurm_cluster.wait(job, timeout=120)
     assert rec["JobState"] == "FAILED" and rec["ExitCode"] == "75:0" and rec["Restarts"] == "0", job_logs(tmp_path)
-    assert "not requeued: restart 0 reached LDOT_MAX_REQUEUES=0" in \
-        (tmp_path / "logs" / f"ldot-finetune-{job}" / "job.log").read_text()
+    text = job_log.read_text()
+    assert "SIGUSR1 came before training started" in text
+    assert "not requeued: restart 0 reached LDOT_MAX_REQUEUES=0" in text
+    assert not (tmp_path / f"ldot-finetune-{job}" / "checkpoints").exists()

@@ -1,16 +1,25 @@
-"""slurm/sweep.sbatch on a real Slurm: a 2-task array gives two runs in one experiment, each with its entry."""
+"""slurm/sweep.sbatch on a real Slurm: a 2-task array gives two runs in one experiment, each with its entry.
+
+Submitted through slurm/submit with a site.env, so the site settings, ${LDOT_DATA_ROOT} expansion and
+the automatic --array=1-N are covered too."""
 from mlflow.tracking import MlflowClient
 
 
-def test_sweep_array_runs_each_entry_in_one_experiment(slurm_cluster, tmp_path, demo_overrides, job_logs):
+def test_sweep_array_runs_each_entry_in_one_experiment(slurm_cluster, tmp_path, tiny_shards, demo_overrides,
+                                                       job_logs):
     sweep = tmp_path / "lr.txt"
     sweep.write_text("# two learning rates\noptim.lr=1e-5\n\noptim.lr=3e-5  optim.warmup_ratio=0.5   # a second key\n")
-    env = slurm_cluster.env(tmp_path)
-    job, _ = slurm_cluster.sbatch("--array=1-2", f"--output={tmp_path}/%x-%A_%a.out", "slurm/sweep.sbatch",
-                                   str(sweep), "train/configs/demo.yaml", *demo_overrides, "optim.max_steps=3",
-                                   "tracking.experiment=slurm-sweep", env=env)
+    site = tmp_path / "site.env"
+    site.write_text(f"LDOT_PARTITION=local\nLDOT_DATA_ROOT={tiny_shards}\nLDOT_SBATCH_ARGS='--ntasks-per-node=1'\n"
+                    f"LDOT_OUTPUT_ROOT=/nonexistent/the/environment/wins\n")
+    env = slurm_cluster.env(tmp_path, LDOT_SITE_ENV=str(site))
+    overrides = [o for o in demo_overrides if not o.startswith("data.train=")] + ["data.train=${LDOT_DATA_ROOT}/train"]
+    job, _ = slurm_cluster.sbatch_via_submit("slurm/sweep.sbatch", str(sweep), "train/configs/demo.yaml", *overrides,
+                                             "optim.max_steps=3", "tracking.experiment=slurm-sweep", env=env)
     recs = slurm_cluster.wait(job)  # polls each second; `sbatch --wait` polls every 10 s
     assert sorted(r["JobState"] for r in recs) == ["COMPLETED", "COMPLETED"], job_logs(tmp_path)
+    assert {r["Partition"] for r in recs} == {"local"}
+    assert (tmp_path / "logs" / f"ldot-sweep-{job}_2.out").is_file()  # slurm/submit's --output
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("slurm-sweep").experiment_id])
@@ -24,6 +33,7 @@ def test_sweep_array_runs_each_entry_in_one_experiment(slurm_cluster, tmp_path, 
     assert float(by_task["2"].data.params["optim.warmup_ratio"]) == 0.5
     for task, run in by_task.items():
         assert run.data.tags["mlflow.runName"] == f"ldot-sweep-{job}_{task}"
+        assert run.data.params["data.train"] == f"{tiny_shards}/train"
         assert run.info.status == "FINISHED"
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert (tmp_path / f"ldot-sweep-{job}_{task}" / "checkpoints" / "final").is_dir()
