@@ -393,6 +393,7 @@ class SystemMetrics:
             self.monitors.append(gpu)
         self.emit, self.started_at, self.interval_s = emit, started_at, interval_s
         self._stop = threading.Event()
+        self._last_step: int | None = None
         self._thread = threading.Thread(target=self._loop, name="system-metrics", daemon=True)
 
     def start(self) -> None:
@@ -414,7 +415,10 @@ class SystemMetrics:
                 monitor.collect_metrics()
                 metrics.update(monitor.aggregate_metrics())
                 monitor.clear_metrics()
-            self.emit(metrics, int(time.time() - self.started_at))
+            step = int(time.time() - self.started_at)
+            if step != self._last_step:  # one sample a second at most (stop() right after one)
+                self.emit(metrics, step)
+                self._last_step = step
         except Exception as exc:  # a sampler must never take training down
             log.debug("system metrics sample failed: %s", exc)
 

@@ -508,6 +508,8 @@ class Sender:
         self.journal, self.delivery = journal, delivery
         self._cond = threading.Condition()
         self._wake = threading.Event()
+        self._hurry = threading.Event()  # drain() or close(): no waiting for the once-a-second slot
+        self._last_attempt = float("-inf")
         self._stop = False
         self._urgent = False
         self.attempts = 0
@@ -529,6 +531,7 @@ class Sender:
         with self._cond:
             start = self.attempts
             self._urgent = True
+            self._hurry.set()
             self._wake.set()
             while True:
                 if self.attempts > start and self.failing_since is None and self.journal.backlog() == 0:
@@ -542,6 +545,7 @@ class Sender:
 
     def close(self, timeout: float = 2.0) -> None:
         self._stop = True
+        self._hurry.set()
         self._wake.set()
         self._thread.join(timeout)
 
@@ -558,8 +562,11 @@ class Sender:
             if self.failing_since is not None and not self._urgent and time.monotonic() < self._next_try:
                 continue
             if not self._urgent and self.failing_since is None:
-                time.sleep(_MIN_INTERVAL_S / 4)  # gather what arrives with the first record
+                # at most one request a second: what arrives meanwhile goes in the same batch
+                self._hurry.wait(self._last_attempt + _MIN_INTERVAL_S - time.monotonic())
+            self._hurry.clear()
             self._urgent = False
+            self._last_attempt = time.monotonic()
             self._attempt()
 
     def _attempt(self) -> None:
@@ -649,5 +656,5 @@ def _creates_runs(journal: Journal) -> bool:
 
 
 def writer_name(rank: int | None = None) -> str:
-    """rank<r> for a training rank; host-pid for anything else (eval attaching to a run)."""
-    return f"rank{rank}" if rank is not None else f"{socket.gethostname()}-{os.getpid()}"
+    """rank<r> for a training rank; host-pid-random for anything else (eval attaching to a run)."""
+    return f"rank{rank}" if rank is not None else f"{socket.gethostname()}-{os.getpid()}-{new_key()[:6]}"
