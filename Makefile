@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)"
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	# clip-benchmark is a second recall implementation for tests only; its own dependencies are heavy
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -c constraints.txt clip-benchmark
 	touch $@
 
 demo: setup
