@@ -101,6 +101,7 @@ ldot_setup() {
 # if it preempts, so the script only notes it and does not requeue.
 LDOT_PREEMPT_REQUESTED=0
 LDOT_TERMINATING=0
+LDOT_REQUEUEING=0
 LDOT_STEP_PID=""
 LDOT_STEP_FORWARDS_USR1=0
 
@@ -115,6 +116,7 @@ _ldot_on_usr1() {
 }
 
 _ldot_on_term() {
+    [[ $LDOT_REQUEUEING == 1 ]] && return  # our own requeue ending this run
     LDOT_TERMINATING=1
     ldot_log "SIGTERM: the job is ending (cancelled, out of time or preempted by Slurm)"
 }
@@ -161,11 +163,13 @@ ldot_requeue_or_exit() {
             "(the newest checkpoint stays in ${LDOT_RUN_DIR:-the output directory})"
         exit $LDOT_EXIT_PREEMPTED
     fi
+    # Said first: Slurm ends this script as part of the requeue, possibly before the next line runs.
+    ldot_log "requeueing (restart $((restarts + 1)) of at most $max); it continues with --resume auto"
+    LDOT_REQUEUEING=1
     if ! scontrol requeue "$SLURM_JOB_ID"; then
         ldot_log "scontrol requeue $SLURM_JOB_ID failed: resubmit the job to continue"
         exit $LDOT_EXIT_PREEMPTED
     fi
-    ldot_log "requeued (restart $((restarts + 1)) of at most $max); it continues with --resume auto"
     exit 0
 }
 

@@ -30,7 +30,7 @@ def test_requeued_job_resumes_and_trains_each_step_once(slurm_cluster, tmp_path,
     logs = job_logs(tmp_path)
     assert rec["JobState"] == "COMPLETED" and rec["Restarts"] == "1", logs
     job_log = (tmp_path / "logs" / f"ldot-finetune-{job}" / "job.log").read_text()
-    assert "SIGUSR1: asking the tasks to checkpoint" in job_log and "requeued (restart 1" in job_log
+    assert "SIGUSR1: asking the tasks to checkpoint" in job_log and "requeueing (restart 1" in job_log
     assert "step train: exit 75" in job_log, "every rank leaves with the trainer's exit 75"
     train_log = (tmp_path / "logs" / f"ldot-finetune-{job}" / "train.0.log").read_text()
     assert "restart 1" in train_log and "resumed from" in train_log, logs
