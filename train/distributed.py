@@ -36,6 +36,18 @@ def _env_from_slurm() -> None:
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
 
 
+def _skip_cpu_shm_op() -> None:
+    """Keep DeepSpeed from JIT-compiling its CPU shared-memory op at init_distributed.
+
+    The op serves only inference_all_reduce, which training never calls. Building it runs g++ in every
+    rank behind a lock file in ~/.cache/torch_extensions; a rank killed mid-build (a timeout, scancel,
+    a preemption) leaves the lock behind and every later run on the machine waits on it forever.
+    DeepSpeed caches its op-compatibility table in one dict and documents that edits to it persist."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_distributed() -> DistInfo:
     import deepspeed
 
@@ -49,6 +61,7 @@ def init_distributed() -> DistInfo:
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
+        _skip_cpu_shm_op()
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return DistInfo(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
                     local_rank=local_rank, device=device, backend=backend)
