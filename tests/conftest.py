@@ -1,10 +1,48 @@
 """Shared fixtures: a tiny BERT text encoder directory (real transformers model, random weights) for fast tests."""
 import os
+import uuid
 
+import psutil
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every process a test starts inherits this mark (torchrun's ranks and Slurm's job steps included), so
+# those a failed or timed-out test leaves behind can be found and stopped: left running, they would
+# take the CPU from every test after them.
+MARK = "LDOT_TEST_SESSION"
+os.environ[MARK] = uuid.uuid4().hex
+
+
+def _marked() -> dict[tuple[int, float], psutil.Process]:
+    """This session's processes but pytest itself, keyed by (pid, start time) so a reused pid is new."""
+    mine, found = os.getpid(), {}
+    for proc in psutil.process_iter(["pid", "create_time"]):
+        try:
+            if proc.pid != mine and proc.environ().get(MARK) == os.environ[MARK]:
+                found[(proc.pid, proc.info["create_time"])] = proc
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """After a test's body, kill what it started and left running (fixtures' servers started before)."""
+    before = _marked().keys()
+    try:
+        return (yield)
+    finally:
+        stray = [p for key, p in _marked().items() if key not in before]
+        if stray:
+            names = ", ".join(f"{p.pid}:{p.name()}" for p in stray if p.is_running())
+            for p in stray:
+                try:
+                    p.kill()
+                except psutil.NoSuchProcess:
+                    pass
+            psutil.wait_procs(stray, timeout=30)
+            item.add_report_section("call", "stray processes", f"killed what the test left running: {names}")
 
 
 @pytest.fixture(scope="session")

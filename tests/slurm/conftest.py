@@ -50,7 +50,14 @@ class SlurmCluster:
     def sbatch(self, *args: str, env: dict, wait: bool = False, timeout: float = 300) -> tuple[str, int]:
         """Submits; returns (job id, sbatch's exit code: the job's under --wait)."""
         cmd = ["sbatch", "--parsable", *(["--wait"] if wait else []), *args]
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as err:
+            # a job left running would hold the cluster's CPUs through every later test
+            started = (err.stdout or b"").decode().strip().split(";")[0]
+            if started:
+                subprocess.run(["scancel", started], env=env, capture_output=True, timeout=60)
+            raise AssertionError(f"job {started or '?'} did not end within {timeout} s; cancelled it") from err
         job = proc.stdout.strip().splitlines()[0].split(";")[0] if proc.stdout.strip() else ""
         assert job, f"sbatch gave no job id: exit {proc.returncode}\n{proc.stderr}"
         return job, proc.returncode
