@@ -126,7 +126,10 @@ def slurm_cluster():
                 pytest.skip(f"another test session has held the local Slurm cluster ({STATE}) for 15 minutes")
             time.sleep(2)
     try:
-        proc = subprocess.run([str(LOCAL / "start.sh")], capture_output=True, text=True, timeout=900)
+        # the daemons serve the whole session: not marked as a test's leftovers (tests/conftest.py); the
+        # jobs they run carry the submitting test's environment, mark included
+        daemon_env = {k: v for k, v in os.environ.items() if k != "LDOT_TEST_SESSION"}
+        proc = subprocess.run([str(LOCAL / "start.sh")], capture_output=True, text=True, timeout=900, env=daemon_env)
         if proc.returncode == CANNOT:
             pytest.skip(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "slurm/local/start.sh: cannot start")
         assert proc.returncode == 0, f"slurm/local/start.sh failed:\n{proc.stdout}\n{proc.stderr}"

@@ -30,6 +30,8 @@ class MlflowServer:
         assert self.proc is None
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         env.pop("MLFLOW_TRACKING_URI", None)
+        # a session-long service, though tests restart it: not one of a test's leftovers (tests/conftest.py)
+        env.pop("LDOT_TEST_SESSION", None)
         log = open(self.root / "server.log", "a")
         self.proc = subprocess.Popen(
             [str(MLFLOW), "server", "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
