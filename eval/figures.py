@@ -80,7 +80,8 @@ def plot_topk_grid(queries: list[str], ids: np.ndarray, scores: np.ndarray, grou
                 spine.set_linewidth(4 if hit else 0.8)
             caption = f"{j + 1}. {scores[q, j]:.2f}"
             if labels and row in labels:
-                caption += f"\n{labels[row][-14:]}"
+                lab = labels[row]
+                caption += "\n" + (lab if len(lab) <= 14 else "…" + lab[-13:])
             ax.set_title(caption, fontsize=6, color="#1a9e1a" if hit else "black", pad=2)
     if title:
         fig.suptitle(title, fontsize=9)

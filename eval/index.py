@@ -100,6 +100,8 @@ def build_index(embeddings, kind: IndexType = "exact", *, nlist: int | None = No
 def set_search_params(index: faiss.Index, params: dict) -> None:
     """Apply search-time knobs (IVF nprobe, HNSW efSearch) after loading or to trade speed for recall."""
     ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None and hasattr(index, "nprobe"):  # a GPU IVF index is no IndexIVF but has the knob
+        ivf = index
     if params.get("nprobe") is not None and ivf is not None:
         ivf.nprobe = int(params["nprobe"])
     if params.get("efSearch") is not None and isinstance(index, faiss.IndexHNSW):
