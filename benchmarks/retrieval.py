@@ -244,7 +244,7 @@ def main() -> None:
         out += [f"| {name} | {s:.2f} | {100 * r['ar']:.2f} |" for name, s, r in table_rows]
         if len(table_rows) > 1:
             out.append(f"| top-k path speed-up over dense | {table_rows[1][1] / table_rows[0][1]:.2f}× | |")
-    out += [*[f"- {n}" for n in notes]]
+    out += ["", *[f"- {n}" for n in notes]]
     text = "\n".join(out)
     print("\n" + text)
     if not args.no_record:
