@@ -15,7 +15,6 @@ import argparse
 import datetime
 import itertools
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -31,6 +30,9 @@ sys.path.insert(0, str(REPO))
 from data.convert.captions import multi30k_files, read_multi30k  # noqa: E402  (after the path fix)
 from data.loader import TrainLoader  # noqa: E402
 from data.writer import DatasetWriter  # noqa: E402
+
+sys.path.append(str(REPO / "benchmarks"))  # after the repo: benchmarks/train.py must not shadow the train package
+from results import append_run, device  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 
@@ -96,28 +98,6 @@ def padding(data: Path, tokenizer, *, budget: int, samples: int, buffer: int) ->
     return eff(tb), eff(fixed), mean
 
 
-def device() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} (CPU)"
-
-
-def record(path: Path, text: str) -> None:
-    """Append a run at the end of the "## loader" section (created if absent); other sections untouched."""
-    content = path.read_text() if path.exists() else "# Benchmark results\n"
-    lines = content.splitlines()
-    try:
-        start = lines.index("## loader")
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines[end:end] = ["", *text.rstrip().splitlines()]
-    except ValueError:
-        lines += ["", "## loader", "", *text.rstrip().splitlines()]
-    path.write_text("\n".join(lines).rstrip() + "\n")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=1000, help="Flickr30k training images to shape the data")
@@ -159,7 +139,7 @@ def main() -> None:
             pad_rows.append((name, tb, fixed, mean))
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    out = [f"### {stamp} · {device()}", "",
+    out = [f"### {stamp} · {device(gpu=False)}", "",
            f"`PYTHONPATH=. python {shlex.join(['benchmarks/loader.py', *sys.argv[1:]])}` — one rank, fixed-size "
            f"batches; trainer = demo model forward + CMR + backward + AdamW, batch {trainer_batch}, one process: "
            f"**{trainer:.0f} samples/s**.", "",
@@ -173,7 +153,7 @@ def main() -> None:
     text = "\n".join(out)
     print(text)
     if not args.no_record:
-        record(REPO / "benchmarks" / "RESULTS.md", text)
+        append_run("loader", text)
 
 
 if __name__ == "__main__":

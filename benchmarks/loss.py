@@ -28,7 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import contrastive_loss, contrastive_loss_reference, materialized_contrastive_loss  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+sys.path.append(str(Path(__file__).resolve().parent))  # after the repo, as the other benchmarks
+from results import RESULTS, append_run  # noqa: E402
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Dense bf16 Tensor Core peaks from the datasheets (TFLOP/s), by device name fragment.
 BF16_PEAK = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L4": 121.0, "A10": 125.0}
@@ -192,18 +194,6 @@ def _fmt_mem(b: float) -> str:
     return f"{b / 2**20:,.1f}"
 
 
-def append_results(text: str, path: Path = RESULTS) -> None:
-    """Add a run under '## loss', leaving other sections as they are."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    if "\n## loss\n" not in "\n" + old:
-        path.write_text(old.rstrip("\n") + "\n\n## loss\n\n" + text)
-        return
-    head, _, rest = ("\n" + old).partition("\n## loss\n")
-    nxt = rest.find("\n## ")
-    body, tail = (rest, "") if nxt < 0 else (rest[:nxt], rest[nxt:])
-    path.write_text((head + "\n## loss\n" + body.rstrip("\n") + "\n\n" + text + tail)[1:])
-
-
 def main(argv=None) -> int:
     on_gpu = torch.cuda.is_available()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -266,7 +256,7 @@ def main(argv=None) -> int:
     out = "\n".join(head + [""] + lines + table) + "\n"
     print("\n" + out)
     if not args.no_append:
-        append_results(out, args.results)
+        append_run("loss", out, args.results)
         print(f"appended to {args.results}")
     return 0
 

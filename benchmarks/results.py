@@ -9,11 +9,12 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
-def device() -> str:
-    """The GPU's name when torch sees one, else the CPU model and core count; with torch's version."""
+def device(gpu: bool = True) -> str:
+    """The GPU's name when torch sees one (and `gpu`), else the CPU model and core count; with torch's
+    version. Benchmarks of host-side work (the loader) pass gpu=False."""
     import torch
 
-    if torch.cuda.is_available():
+    if gpu and torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
     cpu = platform.processor() or "cpu"
     try:

@@ -34,7 +34,7 @@ from eval.index import build_index, gpu_available, overlap_at_k, search, to_gpu 
 from eval.metrics import retrieval_recall  # noqa: E402
 from eval.recall import recall_from_embeddings  # noqa: E402
 
-sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.append(str(REPO / "benchmarks"))  # after the repo: benchmarks/train.py must not shadow the train package
 from results import append_run, device  # noqa: E402
 
 # LightningDOT Table 7: ms per text query on a TITAN RTX, query encoding included.

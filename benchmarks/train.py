@@ -23,6 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT / "benchmarks"))  # after the repo: this file must not shadow the train package
+from results import append_run  # noqa: E402
 
 SIZES = {
     # hidden, layers, heads, ffn, vocab, image layers, feature dim, regions, text tokens
@@ -215,11 +217,7 @@ def main() -> None:
               f"model FLOPs {flops / 1e9:.1f} GFLOP per pair.\n")
     print("\n" + header + "\n" + table)
     if not args.no_record:
-        results = ROOT / "benchmarks" / "RESULTS.md"
-        text = results.read_text() if results.exists() else "# Benchmark results\n"
-        if "\n## train\n" not in text:
-            text = text.rstrip() + "\n\n## train\n"
-        results.write_text(text.rstrip() + "\n\n" + header + "\n" + table + "\n")
+        append_run("train", header + "\n" + table)  # under "## train", wherever that section stands
 
 
 if __name__ == "__main__":
