@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from data import schema
-from data.masking import IGNORE_INDEX
 
 
 def pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,21 +51,12 @@ def collate_images(samples: list[dict], with_cls: bool = False) -> dict[str, tor
 
 
 def collate_train(samples: list[dict], pad_id: int, with_cls: bool = False) -> dict:
-    """Training samples (tokenized in ``__ids__``, optional ``__mlm__`` / ``__mrm__``) → the batch dict."""
+    """Training samples (tokenized in ``__ids__``) → the batch dict."""
     ids, attention = pad([s["__ids__"] for s in samples], pad_id)
     batch = {"input_ids": ids, "attention_mask": attention}
     batch.update(collate_images(samples, with_cls))
     batch["group_ids"] = torch.tensor([s["__index__"] for s in samples], dtype=torch.int64)
     batch["image_id"] = [s[schema.META]["image_id"] for s in samples]
-    if "__mlm__" in samples[0]:
-        batch["mlm_input_ids"] = pad([s["__mlm__"][0] for s in samples], pad_id)[0]
-        batch["mlm_labels"] = pad([s["__mlm__"][1] for s in samples], IGNORE_INDEX)[0]
-    if "__mrm__" in samples[0]:
-        n = batch["img_mask"].shape[1]
-        mrm = np.zeros((len(samples), n), np.int64)
-        for i, s in enumerate(samples):
-            mrm[i, :len(s["__mrm__"])] = s["__mrm__"]
-        batch["mrm_mask"] = torch.from_numpy(mrm)
     return batch
 
 

@@ -24,8 +24,8 @@ How a training epoch is shared out (the "epoch plan"):
 
 Stages inside a slot (webdataset's own where they fit): epoch plan → tar read (`wds.tarfile_samples`) →
 `wds.shuffle` → decode (`wds.autodecode.Decoder` via `wds.map`) → validate (`wds.map`, bad samples go to
-the `error`/`skip` policy) → drop replayed (`wds.select`) → caption choice, tokenization, optional
-VMLM/SMRM masks (`wds.map`; seeded by (seed, epoch, image)) → `wds.batched` for a fixed number of pairs,
+the `error`/`skip` policy) → drop replayed (`wds.select`) → caption choice and tokenization
+(`wds.map`; seeded by (seed, epoch, image)) → `wds.batched` for a fixed number of pairs,
 or token-budget bucketing (data/batching.py) → collate (pad text and regions, masks).
 
 With a token budget the resume point of a batch is the start of its bucket buffer plus how many of that
@@ -51,7 +51,6 @@ from webdataset.utils import make_seed
 from data import schema
 from data.batching import bucketed, collate_images, collate_train
 from data.errors import DataError
-from data.masking import WordMasker, mask_regions
 from data.reader import ErrorPolicy, read_shard
 
 STATE_VERSION = 1
@@ -136,8 +135,6 @@ class _SlotConfig:
     with_cls: bool
     token_budget: int | None
     bucket_buffer: int
-    mask_words: bool
-    mask_regions: bool
     resample: bool
 
 
@@ -208,19 +205,14 @@ class _SlotStream(torch.utils.data.IterableDataset):
             epoch, pos, _ = sample["__pos__"]
             return (epoch, pos) > (start["epoch"], start["offset"])
 
-        masker = WordMasker(self.tokenizer) if cfg.mask_words else None
         pad_id = self.tokenizer.pad_token_id
 
         def prepare(sample: dict) -> dict:
-            """Caption choice, tokenization, masks: functions of (seed, epoch, image), not of position or worker."""
+            """Caption choice and tokenization: functions of (seed, epoch, image), not of position or worker."""
             rng = random.Random(make_seed(cfg.seed, sample["__pos__"][0], sample["__index__"]))
             caps = sample[schema.META]["captions"]
             caption = caps[rng.randrange(len(caps))]
             sample["__ids__"] = self.tokenizer(caption, truncation=True, max_length=cfg.max_text_len)["input_ids"]
-            if masker is not None:
-                sample["__mlm__"] = masker(sample["__ids__"], rng)
-            if cfg.mask_regions:
-                sample["__mrm__"] = mask_regions(sample[schema.FEAT].shape[0], rng)
             return sample
 
         def fixed_batch(samples: list[dict]) -> dict:
@@ -266,9 +258,8 @@ class TrainLoader:
     Batch (torch tensors): input_ids / attention_mask [B, L] int64 (one random caption per image per
     epoch), img_feat [B, N, D] float32, img_pos [B, N, 7] float32 (x1,y1,x2,y2,w,h,area), img_mask [B, N]
     int64 (1 = real region), group_ids [B] int64 (the image's index in the dataset), image_id list[str].
-    Optional keys: img_cls [B, N, C] float32 (``with_cls``); mlm_input_ids / mlm_labels [B, L] int64
-    (``mask_words``: VMLM input and targets, -100 where nothing is predicted); mrm_mask [B, N] int64
-    (``mask_regions``: 1 = region to zero and predict).
+    Optional key: img_cls [B, N, C] float32 (``with_cls``). VMLM/SMRM masks are not drawn here: the
+    trainer draws them on the device for the step's task only (train/objectives.py).
 
     Batching: ``batch_size`` pairs, or (``batch_size=None, token_budget=T``) as many as fit in T padded
     tokens + regions, length-bucketed over ``bucket_buffer`` samples; batch sizes then vary per step and
@@ -278,7 +269,7 @@ class TrainLoader:
     def __init__(self, data_dir, tokenizer, *, batch_size: int | None, max_text_len: int = 32, seed: int = 0,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, on_error: str = "skip",
                  shuffle_buffer: int = 256, with_cls: bool = False, token_budget: int | None = None,
-                 bucket_buffer: int = 512, mask_words: bool = False, mask_regions: bool = False,
+                 bucket_buffer: int = 512,
                  resample: bool = False, epochs: int | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
@@ -299,7 +290,7 @@ class TrainLoader:
             feature_dim=self.manifest.feature_dim, class_dim=self.manifest.class_dim, seed=seed, rank=rank,
             world_size=world_size, num_workers=num_workers, batch_size=batch_size, max_text_len=max_text_len,
             shuffle_buffer=shuffle_buffer, on_error=on_error, with_cls=with_cls, token_budget=token_budget,
-            bucket_buffer=bucket_buffer, mask_words=mask_words, mask_regions=mask_regions, resample=resample)
+            bucket_buffer=bucket_buffer, resample=resample)
         self.epochs = epochs
         ErrorPolicy(on_error)  # validates the policy name now, not in a worker
         self.plan = EpochPlan(self.cfg.paths, self.cfg.counts, seed, world_size * max(1, num_workers), resample)

