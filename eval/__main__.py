@@ -1,4 +1,4 @@
-"""`python -m eval COMMAND`: recall tables, indexes, search and run comparison.
+"""`python -m eval COMMAND`: recall tables, indexes, search, hard-negative mining and run comparison.
 
 Each command lives in its own module exposing add_parser(subparsers), which sets `func`; the modules
 are listed in COMMANDS. Errors the user can fix print as one line and exit 2.
@@ -10,7 +10,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("eval.recall_cmd", "eval.index_cmd", "eval.search_cmd", "eval.compare_cmd", "eval.sync_cmd")
+COMMANDS = ("eval.recall_cmd", "eval.index_cmd", "eval.search_cmd", "eval.mine_cmd", "eval.compare_cmd", "eval.sync_cmd")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,7 +41,7 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _distributed() -> tuple[int, int, str]:
+def rank_world_device() -> tuple[int, int, str]:
     """(rank, world size, device) — a process group only when launched with several ranks."""
     import torch
 
@@ -82,7 +82,7 @@ def run(args) -> int:
     from train.model import load_dual_encoder
     from train.tracking import RUN_FILE, Tracker
 
-    rank, world, device = _distributed()
+    rank, world, device = rank_world_device()
     ks, pool_ks = tuple(args.ks), tuple(args.pool_ks)
     gpu = gpu_available() and not args.cpu_index
     t0 = time.perf_counter()

@@ -151,3 +151,58 @@ def test_approximate_index_reports_recall_against_exact(tmp_path, tiny_checkpoin
     report = json.loads((out / "index.json").read_text())["report"]
     assert 0.9 <= report["overlap@10"] <= 1.0  # 24 images: HNSW is all but exact
     assert report["ir_recall"].keys() == report["ir_recall_exact"].keys() == {"ir_r1", "ir_r5", "ir_r10"}
+
+
+def test_mine_writes_each_querys_top_non_matches(tmp_path, tiny_checkpoint, embeddings, test_split_dir, capsys):
+    _, _, enc = embeddings
+    split, txt, img = enc["test"]
+    out = tmp_path / "mined"
+    assert main(["mine", "--checkpoint", str(tiny_checkpoint), "--data", str(test_split_dir), "--out", str(out),
+                 "--k", "3", "--batch-size", "64"]) == 0
+    assert "hard negatives per caption" in capsys.readouterr().out
+    t2i = [json.loads(line) for line in (out / "txt2img.jsonl").read_text().splitlines()]
+    i2t = [json.loads(line) for line in (out / "img2txt.jsonl").read_text().splitlines()]
+    assert len(t2i) == len(split.captions) and len(i2t) == split.num_images
+    s = txt @ img.T
+    cap_img = split.caption_image
+    for c in (0, len(t2i) // 2, len(t2i) - 1):  # captions named as (image_id, index), negatives by brute force
+        row = t2i[c]
+        assert row["text"] == split.captions[c] and row["image_id"] == split.image_ids[cap_img[c]]
+        want = [i for i in np.argsort(-s[c]) if i != cap_img[c]][:3]
+        assert row["negatives"] == [split.image_ids[i] for i in want]
+    row_of = {}  # (image_id, index among its captions) -> caption row
+    for c, o in enumerate(cap_img):
+        row_of[(split.image_ids[o], sum(1 for k in row_of if k[0] == split.image_ids[o]))] = c
+    for r in (0, split.num_images - 1):
+        want = [c for c in np.argsort(-s[:, r]) if cap_img[c] != r][:3]
+        assert [row_of[(g["image_id"], g["caption"])] for g in i2t[r]["negatives"]] == want
+    summary = json.loads((out / "mine.json").read_text())
+    assert summary["k"] == 3 and summary["num_captions"] == len(t2i)
+    assert main(["mine", "--checkpoint", str(tiny_checkpoint), "--data", str(test_split_dir), "--out", str(out),
+                 "--k", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --k must be positive, not 0"
+
+
+def test_mine_under_two_ranks_writes_what_one_process_writes(tmp_path, tiny_checkpoint, test_split_dir):
+    """torchrun, 2 gloo ranks: each encodes and searches half the split; the files equal the 1-process ones."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    common = ["-m", "eval", "mine", "--checkpoint", str(tiny_checkpoint), "--data", str(test_split_dir),
+              "--k", "4", "--batch-size", "16", "--out"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    one = subprocess.run([sys.executable, *common, str(tmp_path / "one")], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=300)
+    two = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
+                          *common, str(tmp_path / "two")], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-3000:])
+    assert two.stdout.count("mined 4 hard negatives") == 1  # rank 0 alone reports and writes
+    for name in ("txt2img.jsonl", "img2txt.jsonl"):
+        a = [json.loads(x) for x in (tmp_path / "one" / name).read_text().splitlines()]
+        b = [json.loads(x) for x in (tmp_path / "two" / name).read_text().splitlines()]
+        assert [r["negatives"] for r in a] == [r["negatives"] for r in b]
+        np.testing.assert_allclose([r["scores"] for r in a], [r["scores"] for r in b], atol=1e-4)

@@ -1,0 +1,80 @@
+"""Hard negatives from a trained dual encoder's own top-k: the candidates it ranks highest that are not
+a query's ground truth, in both directions.
+
+LightningDOT mines them with FAISS to train the re-ranker (the slower model that re-orders the top M):
+for a caption, the images it retrieves above or near its own; for an image, the captions of other
+images it retrieves. They are taken from the same exact searches as recall (eval.metrics.TopK), whose
+rows are deep enough (K + the query's positives) for K negatives to remain after the positives are
+dropped.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from eval.metrics import TopK
+
+
+def _first_k_not(ids: np.ndarray, scores: np.ndarray, positive: np.ndarray, k: int):
+    """Per row, the first k entries whose id is neither padding (-1) nor marked positive."""
+    keep = (ids >= 0) & ~positive
+    # stable order of the kept entries first: their original rank order is preserved
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+    out_ids = np.take_along_axis(ids, order, 1)
+    out_scores = np.take_along_axis(scores, order, 1).astype(np.float32)
+    kept = np.take_along_axis(keep, order, 1)
+    return np.where(kept, out_ids, -1), np.where(kept, out_scores, np.nan)
+
+
+def mine(top: TopK, caption_image, k: int) -> dict[str, np.ndarray]:
+    """The k best-ranked non-positives of every query row of ``top``.
+
+    Returns txt2img_ids / txt2img_scores [q_cap, k] (images per caption query) and img2txt_ids /
+    img2txt_scores [q_img, k] (captions per image query); -1 / NaN pad a row whose pool has fewer
+    than k negatives."""
+    if k < 1:
+        raise ValueError(f"k must be positive, not {k}")
+    cap_img = np.asarray(caption_image)
+    own_image = cap_img[top.ir_query]
+    ir_pos = top.ir_ids == own_image[:, None]
+    owner = np.where(top.tr_ids >= 0, cap_img[np.maximum(top.tr_ids, 0)], -1)
+    tr_pos = owner == top.tr_query[:, None]
+    t_ids, t_scores = _first_k_not(top.ir_ids, top.ir_scores, ir_pos, k)
+    i_ids, i_scores = _first_k_not(top.tr_ids, top.tr_scores, tr_pos, k)
+    return {"txt2img_ids": t_ids, "txt2img_scores": t_scores, "img2txt_ids": i_ids, "img2txt_scores": i_scores}
+
+
+def positive_ranks(top: TopK, caption_image) -> np.ndarray:
+    """Per caption query, the 1-based rank of its own image in its row (0: not in the row)."""
+    own = np.asarray(caption_image)[top.ir_query]
+    hit = top.ir_ids == own[:, None]
+    return np.where(hit.any(1), hit.argmax(1) + 1, 0)
+
+
+def write_jsonl(out_dir, split, mined: dict[str, np.ndarray]) -> list[Path]:
+    """``txt2img.jsonl`` (one line per caption) and ``img2txt.jsonl`` (one line per image), named by the
+    dataset's own ids: image_id, and a caption as (image_id, its index among that image's captions)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cap_img = np.asarray(split.caption_image)
+    if np.any(np.diff(cap_img) < 0):
+        raise ValueError("captions must be stored image by image (EvalSplit order)")
+    # index of each caption among its image's captions
+    first = np.searchsorted(cap_img, cap_img, side="left")
+    cap_ref = [{"image_id": split.image_ids[int(o)], "caption": int(c - f)}
+               for c, (o, f) in enumerate(zip(cap_img, first))]
+    txt2img, img2txt = out_dir / "txt2img.jsonl", out_dir / "img2txt.jsonl"
+    with txt2img.open("w") as f:
+        for c, (ids, scores) in enumerate(zip(mined["txt2img_ids"], mined["txt2img_scores"])):
+            keep = ids >= 0
+            f.write(json.dumps({**cap_ref[c], "text": split.captions[c],
+                                "negatives": [split.image_ids[int(i)] for i in ids[keep]],
+                                "scores": [round(float(s), 5) for s in scores[keep]]}) + "\n")
+    with img2txt.open("w") as f:
+        for r, (ids, scores) in enumerate(zip(mined["img2txt_ids"], mined["img2txt_scores"])):
+            keep = ids >= 0
+            f.write(json.dumps({"image_id": split.image_ids[r], "negatives": [cap_ref[int(i)] for i in ids[keep]],
+                                "scores": [round(float(s), 5) for s in scores[keep]]}) + "\n")
+    return [txt2img, img2txt]

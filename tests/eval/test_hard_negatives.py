@@ -1,0 +1,53 @@
+"""eval/hard_negatives.py against a brute force over the dense score matrix (a second implementation)."""
+import numpy as np
+import pytest
+
+from eval.hard_negatives import mine, positive_ranks
+from eval.recall import topk_from_embeddings
+
+
+def _brute_force(text, image, cap_img, k):
+    s = text @ image.T  # [captions, images]
+    t2i = []
+    for c, row in enumerate(s):
+        order = [int(i) for i in np.argsort(-row, kind="stable") if i != cap_img[c]]
+        t2i.append(order[:k])
+    i2t = []
+    for r, col in enumerate(s.T):
+        order = [int(c) for c in np.argsort(-col, kind="stable") if cap_img[c] != r]
+        i2t.append(order[:k])
+    return t2i, i2t, s
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_mined_negatives_equal_the_brute_force(k):
+    rng = np.random.default_rng(0)
+    counts = rng.integers(1, 6, size=40)  # 1-5 captions per image, as real splits vary
+    cap_img = np.repeat(np.arange(40), counts)
+    image = rng.standard_normal((40, 16)).astype(np.float32)
+    # captions near their image, so that the own image often ranks first and must be passed over
+    text = (image[cap_img] + 0.8 * rng.standard_normal((len(cap_img), 16))).astype(np.float32)
+    top = topk_from_embeddings(text, image, cap_img, k)
+    got = mine(top, cap_img, k)
+    t2i, i2t, s = _brute_force(text, image, cap_img, k)
+    assert got["txt2img_ids"].tolist() == t2i
+    assert got["img2txt_ids"].tolist() == i2t
+    np.testing.assert_allclose(got["txt2img_scores"], np.take_along_axis(s, np.array(t2i), 1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got["img2txt_scores"], np.take_along_axis(s.T, np.array(i2t), 1), rtol=1e-5, atol=1e-5)
+    ranks = positive_ranks(top, cap_img)
+    depth = top.ir_ids.shape[1]  # k + 1: an image ranked below that is reported as 0
+    expect = [1 + int(np.sum(s[c] > s[c, cap_img[c]])) for c in range(len(cap_img))]
+    assert ranks.tolist() == [r if r <= depth else 0 for r in expect]
+    assert (ranks == 1).any() and (ranks > 1).any()  # both cases exercised
+
+
+def test_rows_shorter_than_k_are_padded():
+    cap_img = np.array([0, 0, 1, 2])
+    rng = np.random.default_rng(1)
+    text, image = rng.standard_normal((4, 8)).astype(np.float32), rng.standard_normal((3, 8)).astype(np.float32)
+    got = mine(topk_from_embeddings(text, image, cap_img, 5), cap_img, 5)
+    assert ((got["txt2img_ids"] >= 0).sum(1) == 2).all()  # 3 images, one is the caption's own
+    assert np.isnan(got["txt2img_scores"][:, 2:]).all() and (got["txt2img_ids"][:, 2:] == -1).all()
+    assert (got["img2txt_ids"] >= 0).sum(1).tolist() == [2, 3, 3]  # image 0 owns two of the four captions
+    with pytest.raises(ValueError, match="k must be positive"):
+        mine(topk_from_embeddings(text, image, cap_img, 1), cap_img, 0)
