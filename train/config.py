@@ -152,6 +152,9 @@ class TrackingConfig:
     tracking_uri: Optional[str] = None
     """MLflow tracking URI; else MLFLOW_TRACKING_URI; else sqlite:///<output_dir>/mlflow.db."""
     log_every: int = 1
+    progress_every_s: float = 30.0
+    """Off a terminal (a batch job's log), rank 0 writes a progress line at most every N seconds;
+    on a terminal it draws a bar instead."""
     sweep: Optional[str] = None
     """Nest the run under the parent run of this sweep (created by whichever member starts first).
     Unset: $LDOT_SWEEP, else slurm-array-$SLURM_ARRAY_JOB_ID inside a Slurm job array; "" turns it off."""
@@ -169,8 +172,9 @@ class TrackingConfig:
     def __post_init__(self):
         if self.log_every < 1:
             raise ConfigError(f"tracking.log_every must be >= 1, got {self.log_every}")
-        if self.system_metrics_every_s < 0 or self.timeout_s < 0:
-            raise ConfigError("tracking.system_metrics_every_s and tracking.timeout_s must be >= 0")
+        if self.system_metrics_every_s < 0 or self.timeout_s < 0 or self.progress_every_s < 0:
+            raise ConfigError("tracking.system_metrics_every_s, tracking.timeout_s and tracking.progress_every_s "
+                              "must be >= 0")
         if self.sweep and "'" in self.sweep:
             raise ConfigError(f"tracking.sweep {self.sweep!r}: quotes are not allowed")
         if self.sweep and self.parent_run_id:
