@@ -16,8 +16,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
+from data.progress import progress_bar
 from data.schema import grid_boxes
 
 
@@ -40,7 +40,7 @@ class GridBackbone:
     def extract(self, images: Iterable[Image.Image], *, total: int | None = None, desc: str = "features",
                 progress: bool | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
         """Stream (feat [N, D] f16, box [N, 4] f32, cls [N, C] f16 | None) per image, batched inside."""
-        bar = tqdm(total=total, desc=desc, unit="img", disable=None if progress is None else not progress)
+        bar = progress_bar(total=total, desc=desc, unit="img", disable=progress is False)
         batch: list[torch.Tensor] = []
         threads = _ThreadChooser()
 

@@ -7,10 +7,9 @@ import dataclasses
 import os
 from pathlib import Path
 
-from tqdm import tqdm
-
 from data import schema
 from data.errors import DataError
+from data.progress import progress_bar
 from data.reader import ErrorPolicy, read_shard
 
 
@@ -98,7 +97,7 @@ def check_dataset(data_dir: str | os.PathLike, *, progress: bool | None = None) 
 
     rows: list[ShardRow] = []
     keys: set[str] = set()
-    bar = tqdm(total=manifest.num_samples, desc="inspect", unit="sample", disable=None if progress is None else not progress)
+    bar = progress_bar(total=manifest.num_samples, desc="inspect", unit="sample", disable=progress is False)
     for info in manifest.shards:
         row = ShardRow(info.name, info.samples)
         rows.append(row)

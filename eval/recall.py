@@ -17,8 +17,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
+from data.progress import progress_bar
 from eval.index import build_exact_index, dense_scores, search, to_gpu
 from eval.metrics import TopK, retrieval_recall
 
@@ -40,7 +40,7 @@ def encode_images(model, batches: Iterator[dict], *, device="cpu", bf16: bool | 
     dtype = next(model.parameters()).dtype
     out = []
     with _autocast(device, dtype, bf16):
-        for b in tqdm(batches, total=total, desc="encode images", disable=not progress, mininterval=2.0):
+        for b in progress_bar(batches, total=total, desc="encode images", disable=not progress):
             out.append(model.encode_image(b["img_feat"].to(device, dtype), b["img_pos"].to(device, dtype),
                                           b["img_mask"].to(device)).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
@@ -53,7 +53,7 @@ def encode_texts(model, batches: Iterator[dict], *, device="cpu", bf16: bool | N
     device = torch.device(device)
     out = []
     with _autocast(device, next(model.parameters()).dtype, bf16):
-        for b in tqdm(batches, total=total, desc="encode captions", disable=not progress, mininterval=2.0):
+        for b in progress_bar(batches, total=total, desc="encode captions", disable=not progress):
             out.append(model.encode_text(b["input_ids"].to(device), b["attention_mask"].to(device)).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 

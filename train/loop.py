@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from data.loader import TrainLoader
+from data.progress import progress_bar
 from data.schema import read_manifest
 from train.checkpoint import CheckpointManager
 from train.config import TrainConfig, dump_config, to_dict
@@ -17,7 +18,6 @@ from train.engine import build_engine, loss_scale
 from train.model import build_dual_encoder, export_dual_encoder
 from train.objectives import Objectives, TaskSampler, mask_generator
 from train.preemption import PreemptionWatch
-from train.progress import Progress
 from train.tracking import Tracker, start_job_tracking
 
 log = logging.getLogger("ldot.train")
@@ -150,8 +150,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> tuple[str, Path | None
     float_dtype = _precision_dtype(cfg.engine.precision)
     world = dist.world_size
     batches = iter(loader)
-    progress = Progress(cfg.optim.max_steps, start_step, enabled=dist.is_main,
-                        every_s=cfg.tracking.progress_every_s)
+    bar = progress_bar(total=cfg.optim.max_steps, initial=start_step, desc="train", unit="step",
+                       disable=not dist.is_main, every_s=cfg.tracking.progress_every_s)
     status = "FAILED"
     try:
         for step in range(start_step + 1, cfg.optim.max_steps + 1):
@@ -172,7 +172,9 @@ def train(cfg: TrainConfig, resume: str | None = None) -> tuple[str, Path | None
                 record["logit_scale"] = float(scale)
             if step % cfg.tracking.log_every == 0 or step == cfg.optim.max_steps:
                 tracker.log_metrics(record, step)
-            progress.update(step, task, step_loss, record["lr"], pairs * world)
+            bar.set_postfix(ordered_dict={"task": task, "loss": f"{step_loss:.4f}", "lr": f"{record['lr']:.2e}",
+                                          "samples/s": f"{record['samples_per_s']:.1f}"}, refresh=False)
+            bar.update()
             if validator and (step % cfg.eval.every_steps == 0 or step == cfg.optim.max_steps):
                 validator(engine, step, tracker)
             every = cfg.checkpoint.every_steps
@@ -190,7 +192,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> tuple[str, Path | None
                 tracker.flush()
         status = "FINISHED"
     finally:
-        progress.close()
+        bar.close()
         skipped = getattr(loader, "skipped", None) or {}
         if skipped:
             tracker.log_metrics({f"skipped/{k}": v for k, v in skipped.items()}, cfg.optim.max_steps)

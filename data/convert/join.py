@@ -9,11 +9,11 @@ import logging
 from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
-from tqdm import tqdm
 
 from data import schema
 from data.convert.captions import CaptionRecord
 from data.errors import DataError
+from data.progress import progress_bar
 from data.reader import ErrorPolicy
 from data.writer import DatasetWriter
 
@@ -67,7 +67,7 @@ def convert(items: Iterable[Item], source: FeatureSource, out, *, split: str, so
     stream = taken(itertools.islice(it, None if limit is None else max(0, limit - start)))
     if total is not None:
         total = min(total, limit) if limit is not None else total
-    bar = tqdm(total=total, initial=start, desc=f"convert → {out}", unit="img", disable=None)
+    bar = progress_bar(total=total, initial=start, desc=f"convert → {out}", unit="img")
     try:
         for item, feat, box, cls, thumb in source.features(stream, policy):
             bar.update(item.seq + 1 - bar.n)  # records the source skipped count as done too

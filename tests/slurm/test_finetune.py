@@ -22,8 +22,8 @@ def test_finetune_two_tasks_records_job_and_recall(slurm_cluster, tmp_path, tiny
     assert "launch: rank 1/2" in (log_dir / "train.1.log").read_text()
     # A job's log is a file, not a terminal: progress comes as plain lines from rank 0, no bar
     train0 = (log_dir / "train.0.log").read_text()
-    assert "step 1/4 (25.0%) cmr loss" in train0 and "step 4/4 (100.0%)" in train0 and "\r" not in train0
-    assert "step 1/4" not in (log_dir / "train.1.log").read_text()
+    assert "train 4/4 (100.0%)" in train0 and "task=cmr, loss=" in train0 and "\r" not in train0
+    assert "train 4/4" not in (log_dir / "train.1.log").read_text()
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("slurm-finetune").experiment_id])
