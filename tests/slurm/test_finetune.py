@@ -1,4 +1,5 @@
-"""slurm/finetune.sbatch on a real Slurm: 2 tasks train on tiny demo shards, then recall lands in the run."""
+"""slurm/finetune.sbatch on a real Slurm: 2 tasks train on tiny demo shards, then recall lands in the run;
+eval.sbatch recalls and mines the same export."""
 import json
 
 from mlflow.tracking import MlflowClient
@@ -42,3 +43,13 @@ def test_finetune_two_tasks_records_job_and_recall(slurm_cluster, tmp_path, tiny
     assert rec2["JobState"] == "COMPLETED", job_logs(tmp_path)
     assert json.loads(out.read_text())["recall"] == json.loads((run_dir / "checkpoints" / "final" / "recall.json")
                                                                 .read_text())["recall"]
+
+    # eval.sbatch mine: hard negatives of the split, written beside the checkpoint by default.
+    job3, _ = slurm_cluster.sbatch(f"--output={tmp_path}/%x-%j.out", "slurm/eval.sbatch", "mine",
+                                   str(run_dir / "checkpoints" / "final"), "${LDOT_DATA_ROOT}/test", "--k", "2",
+                                   env={**env, "LDOT_DATA_ROOT": str(tiny_shards)})
+    (rec3,) = slurm_cluster.wait(job3)
+    assert rec3["JobState"] == "COMPLETED", job_logs(tmp_path)
+    mined = run_dir / "checkpoints" / "final" / "hard_negatives" / "test"
+    summary = json.loads((mined / "mine.json").read_text())
+    assert summary["k"] == 2 and len((mined / "txt2img.jsonl").read_text().splitlines()) == summary["num_captions"]
