@@ -33,7 +33,7 @@ def test_shapes_padding_and_export_round_trip(tmp_path):
     t2, i2, _ = model2(ids, am, feat, pos, mask)
     torch.testing.assert_close(t2, t)
     torch.testing.assert_close(i2, i)
-    assert float(model2.contrastive.log_scale) == 2.5 and meta["feature_dim"] == 24
+    assert float(model2.contrastive.log_scale.detach()) == 2.5 and meta["feature_dim"] == 24
 
 
 def test_built_model_trains_with_dropout_everywhere():
