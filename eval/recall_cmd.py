@@ -77,7 +77,7 @@ def pick_figure_queries(ir_ids: np.ndarray, gt: np.ndarray, n: int) -> list[int]
 def run(args) -> int:
     from data.loader import load_eval_split
     from eval.index import gpu_available
-    from eval.metrics import chance_recall, format_table, recall_curve, retrieval_recall
+    from eval.metrics import chance_recall, format_table, retrieval_recall
     from eval.recall import encode_split, recall_from_embeddings, topk_from_embeddings
     from train.model import load_dual_encoder
     from train.tracking import RUN_FILE, Tracker

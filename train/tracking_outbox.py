@@ -571,12 +571,12 @@ class Sender:
 
     def _attempt(self) -> None:
         try:
-            sent = self.delivery.deliver(self.journal)
+            self.delivery.deliver(self.journal)
             error = None
         except Unreachable as exc:
-            sent, error = 0, str(exc)
+            error = str(exc)
         except Exception as exc:  # a bug must not kill the thread: keep the records, report, retry
-            sent, error = 0, _short(exc)
+            error = _short(exc)
             log.exception("MLflow outbox: unexpected error")
         with self._cond:
             self.attempts += 1
