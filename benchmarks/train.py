@@ -7,7 +7,10 @@ Both sides run the trainer's own pieces: the DualEncoder, the cross-rank CMR los
 DeepSpeed train.engine.build_engine + train.loop.train_step. Batches are synthetic tensors of the
 configured shape made once on the device, so the figure is the trainer's rate, not the loader's.
 Prints a Markdown table of samples/s with the ratio against DDP (and model FLOPs utilization on GPU)
-and appends it, with device, date and command, to benchmarks/RESULTS.md.
+and appends it, with device, date and command, to benchmarks/RESULTS.md. --grad-checkpointing turns on
+the encoders' activation checkpointing (model.grad_checkpointing); the "activations" column counts the
+bytes autograd holds for the backward after one rank's forward (saved-tensor hooks, parameters
+excluded), which any device can measure.
 """
 from __future__ import annotations
 
@@ -61,6 +64,32 @@ def build_model(s: dict, seed: int):
     return DualEncoder(text, image, projection=True, normalize=True, contrastive=ContrastiveLoss("learnable")).train()
 
 
+def held_activation_bytes(model, batch: dict, float_dtype, device) -> int:
+    """Bytes autograd keeps for the backward after a forward and the local CMR loss: each saved storage once,
+    parameters excluded. With activation checkpointing only each layer's input is kept."""
+    import torch
+
+    import kernels
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            storages[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=float_dtype == torch.bfloat16):
+            t, i, scale = model(batch["input_ids"], batch["attention_mask"], batch["img_feat"], batch["img_pos"],
+                                batch["img_mask"])
+            loss = kernels.contrastive_loss(t, i, scale)
+    held = sum(storages.values())
+    del loss, t, i, scale
+    return held
+
+
 def synthetic_batch(s: dict, batch: int, device, seed: int) -> dict:
     import torch
 
@@ -81,6 +110,7 @@ def worker(args) -> None:
     from train.distributed import init_distributed
     from train.engine import build_engine
     from train.loop import train_step
+    from train.model import set_grad_checkpointing
     from train.objectives import Objectives
 
     class _Tok:  # Objectives only needs these for the masked-word task, which this benchmark never runs
@@ -115,6 +145,8 @@ def worker(args) -> None:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         model = build_model(s, seed=0).to(dist.device)
+        set_grad_checkpointing(model, args.grad_checkpointing)
+        held = held_activation_bytes(model, batch, float_dtype, dist.device) / 2**20
         if engine_name == "ddp":
             import kernels
 
@@ -147,11 +179,12 @@ def worker(args) -> None:
         except Exception as exc:  # one engine failing (e.g. an op that cannot build) must not hide the others
             print(f"[rank {dist.rank}] {engine_name} failed: {exc!r}", file=sys.stderr)
             results.append({"engine": engine_name, "seconds": float("nan"), "samples_per_s": float("nan"),
-                            "peak_gib": float("nan"), "error": repr(exc)[:200]})
+                            "peak_gib": float("nan"), "held_mib": held, "error": repr(exc)[:200]})
             continue
         peak = torch.cuda.max_memory_allocated() / 2**30 if dist.device.type == "cuda" else float("nan")
         results.append({"engine": engine_name, "seconds": seconds,
-                        "samples_per_s": args.steps * args.batch * dist.world_size / seconds, "peak_gib": peak})
+                        "samples_per_s": args.steps * args.batch * dist.world_size / seconds, "peak_gib": peak,
+                        "held_mib": held})
         del model
     if dist.is_main:
         Path(args.result).write_text(json.dumps(results))
@@ -176,6 +209,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--engines", default="ddp,zero1,zero2,zero3")
+    p.add_argument("--grad-checkpointing", action="store_true", help="encoders recompute activations in the backward")
     p.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -191,6 +225,7 @@ def main() -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
                __file__, "--worker", f"--result={result}", f"--size={args.size}", f"--precision={args.precision}",
                f"--batch={args.batch}", f"--steps={args.steps}", f"--warmup={args.warmup}", f"--engines={args.engines}"]
+        cmd += ["--grad-checkpointing"] if args.grad_checkpointing else []
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // args.nproc))),
                "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
         subprocess.run(cmd, check=True, env=env)
@@ -200,19 +235,21 @@ def main() -> None:
     peak = next((v for k, v in BF16_PEAK.items() if k in name), None) if device == "cuda" else None
     base = next(r["samples_per_s"] for r in rows if r["engine"] == "ddp") if any(r["engine"] == "ddp" for r in rows) else None
     flops = model_flops_per_pair(s)
-    head = "| engine | samples/s | vs DDP | model TFLOP/s | MFU (bf16 peak) | peak GiB |"
-    lines = [head, "|---|---|---|---|---|---|"]
+    head = "| engine | samples/s | vs DDP | model TFLOP/s | MFU (bf16 peak) | peak GiB | activations MiB/rank |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
     for r in rows:
         tflops = r["samples_per_s"] * flops / 1e12
         mfu = f"{100 * tflops * 1e12 / peak:.1f}%" if peak and args.precision == "bf16" else "—"
         ratio = f"{r['samples_per_s'] / base:.2f}×" if base else "—"
         gib = f"{r['peak_gib']:.1f}" if r["peak_gib"] == r["peak_gib"] else "—"
-        lines.append(f"| {r['engine']} | {r['samples_per_s']:.1f} | {ratio} | {tflops:.2f} | {mfu} | {gib} |")
+        lines.append(f"| {r['engine']} | {r['samples_per_s']:.1f} | {ratio} | {tflops:.2f} | {mfu} | {gib} "
+                     f"| {r['held_mib']:.0f} |")
     table = "\n".join(lines)
     command = "python benchmarks/train.py " + " ".join(sys.argv[1:])
     header = (f"### {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC · {name}\n\n`{command}` — model `{args.size}` "
               f"({s['layers']}+{s['image_layers']} layers, hidden {s['hidden']}, {s['text']} tokens + {s['regions']} regions), "
-              f"{args.nproc} rank(s) × {args.batch} pairs, {args.precision}, {args.steps} timed steps after {args.warmup}; "
+              f"{args.nproc} rank(s) × {args.batch} pairs, {args.precision}, {args.steps} timed steps after {args.warmup}, "
+              f"activation checkpointing {'on' if args.grad_checkpointing else 'off'}; "
               f"DDP = plain torch loop{' with bf16 autocast' if args.precision == 'bf16' else ''}, fused AdamW on GPU; "
               f"model FLOPs {flops / 1e9:.1f} GFLOP per pair.\n")
     print("\n" + header + "\n" + table)

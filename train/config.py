@@ -59,6 +59,10 @@ class ModelConfig:
     projection: bool = False
     """The original code's MLP on each [CLS]: hidden -> 2*hidden -> GELU -> LayerNorm -> hidden."""
     dropout: float = 0.1
+    grad_checkpointing: bool = False
+    """Recompute each encoder layer's activations during the backward instead of keeping them
+    (transformers' gradient checkpointing, non-reentrant): a layer then holds only its input, for
+    about one more forward of compute. What lets large contrastive batches fit on a GPU."""
 
     def __post_init__(self):
         if self.image_layers < 1:

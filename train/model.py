@@ -65,6 +65,7 @@ class ImageEncoder(BertPreTrainedModel):
     """BERT-style transformer over regions; saves and loads as a Hugging Face directory."""
 
     config_class = BertConfig
+    main_input_name = "img_feat"  # region features, not token ids (no embedding table to hook)
 
     def __init__(self, config: BertConfig):
         super().__init__(config)
@@ -180,11 +181,31 @@ class DualEncoder(nn.Module):
                 self.contrastive.logit_scale())
 
 
+def set_grad_checkpointing(model: DualEncoder, enabled: bool) -> None:
+    """Both encoders recompute their layers in the backward; dropout masks are replayed (RNG state kept)."""
+    for encoder in (model.text, model.image):
+        # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*
+        if enabled and hasattr(encoder, "activation_checkpointing_enable"):
+            encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif enabled:
+            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif hasattr(encoder, "activation_checkpointing_disable"):
+            encoder.activation_checkpointing_disable()
+        else:
+            encoder.gradient_checkpointing_disable()
+
+
 def build_dual_encoder(model_cfg: ModelConfig, loss_cfg: LossConfig, feature_dim: int, *,
                        pretrain: bool = False, num_classes: int = 0):
     """A fresh dual encoder for training: text side from pretrained weights, image side new.
 
     pretrain adds the VMLM/MRFR/MRC-kl heads (MRC-kl only when the data has num_classes > 0)."""
+    tokenizer, model = _build(model_cfg, loss_cfg, feature_dim, pretrain, num_classes)
+    set_grad_checkpointing(model, model_cfg.grad_checkpointing)
+    return tokenizer, model
+
+
+def _build(model_cfg: ModelConfig, loss_cfg: LossConfig, feature_dim: int, pretrain: bool, num_classes: int):
     if model_cfg.init_from:
         tokenizer, model, meta = load_dual_encoder(model_cfg.init_from)
         if meta.get("feature_dim", feature_dim) != feature_dim:

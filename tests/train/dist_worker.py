@@ -5,6 +5,7 @@ trainer's own pieces (build_dual_encoder, build_engine, Objectives, train_step, 
 
   equivalence OUT TEXT_ENCODER          ZeRO-2, 5 CMR steps on a 16-pair global batch split over the ranks
   resume OUT TEXT_ENCODER CKPT_DIR      per ZeRO stage 1, 2, 3: 4 steps straight vs 2 + save + reload + 2
+  checkpointing OUT TEXT_ENCODER        ZeRO-3, 3 steps with dropout, without and with activation checkpointing
 """
 import sys
 
@@ -39,10 +40,10 @@ def local(batch, rank, world):
     return {k: v[rank * per:(rank + 1) * per] for k, v in batch.items()}
 
 
-def make(text_encoder, stage, dist):
+def make(text_encoder, stage, dist, dropout=0.0, grad_checkpointing=False):
     torch.manual_seed(SEED)
-    tok, model = build_dual_encoder(ModelConfig(text_encoder=text_encoder, image_layers=1, dropout=0.0,
-                                                projection=True),
+    tok, model = build_dual_encoder(ModelConfig(text_encoder=text_encoder, image_layers=1, dropout=dropout,
+                                                projection=True, grad_checkpointing=grad_checkpointing),
                                     LossConfig(scale="learnable", normalize=True), D)
     model.to(dist.device)
     engine, _ = build_engine(model, OptimConfig(lr=1e-3, max_steps=8, warmup_ratio=0.25, grad_clip=1.0),
@@ -97,6 +98,14 @@ def main():
                              "loader": loader_state, "w_straight": w_straight,
                              "w_resumed": full_weights(engine, tok, None, dist)}
             export_from_engine(engine, tok, f"{ckpt_dir}/export{stage}", {"feature_dim": D}, dist.is_main)
+    elif mode == "checkpointing":
+        for ckpt in (False, True):
+            tok, engine, obj = make(text_encoder, 3, dist, dropout=0.1, grad_checkpointing=ckpt)
+            calls = []  # a module inside the layer runs again in the backward when the layer is recomputed
+            engine.module.text.encoder.layer[0].output.dense.register_forward_hook(lambda *_: calls.append(1))
+            torch.manual_seed(100 + dist.rank)  # the same dropout masks in both runs, different per rank
+            result[ckpt] = {"losses": run_steps(engine, obj, global_batches(tok, 3), 1, dist),
+                            "weights": full_weights(engine, tok, None, dist), "calls": len(calls)}
     if dist.is_main:
         torch.save(result, out)
     torch.distributed.barrier()

@@ -75,3 +75,31 @@ def test_text_encoder_from_config_only_has_fresh_weights(tiny_text_encoder):
                                   LossConfig(), 8)
     assert fresh.text.config.hidden_size == pre.text.config.hidden_size
     assert not torch.equal(fresh.text.embeddings.word_embeddings.weight, pre.text.embeddings.word_embeddings.weight)
+
+
+def test_grad_checkpointing_recomputes_layers_and_keeps_the_gradients(tiny_text_encoder):
+    """With dropout on: the recompute replays the same masks, so loss and every gradient are unchanged."""
+    import kernels
+
+    grads, calls = {}, {}
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        tok, model = build_dual_encoder(ModelConfig(text_encoder=tiny_text_encoder, image_layers=2, dropout=0.1,
+                                                    grad_checkpointing=ckpt),
+                                        LossConfig(scale="learnable", normalize=True), feature_dim=24)
+        count = {"text": 0, "image": 0}
+        # hooks on a module inside the layer: the layer's own hooks stay outside the checkpoint
+        model.text.encoder.layer[0].output.dense.register_forward_hook(
+            lambda *_: count.__setitem__("text", count["text"] + 1))
+        model.image.encoder.layer[1].output.dense.register_forward_hook(
+            lambda *_: count.__setitem__("image", count["image"] + 1))
+        torch.manual_seed(1)  # the same dropout masks in both runs
+        t, i, scale = model(*_inputs(tok))
+        kernels.contrastive_loss(t, i, scale, impl="reference").backward()
+        grads[ckpt] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        calls[ckpt] = count
+    assert calls[False] == {"text": 1, "image": 1}
+    assert calls[True] == {"text": 2, "image": 2}  # forward, then again inside the backward
+    assert grads[True].keys() == grads[False].keys() and len(grads[True]) > 10
+    for name, g in grads[False].items():
+        torch.testing.assert_close(grads[True][name], g, rtol=1e-5, atol=1e-6, msg=name)

@@ -58,3 +58,15 @@ def test_zero_stages_save_reload_and_continue_exactly(tmp_path, tiny_text_encode
     _, m3, _ = load_dual_encoder(tmp_path / "ckpt" / "export3")
     torch.testing.assert_close(m3.image.encoder.layer[0].output.dense.weight,
                                res[3]["w_resumed"]["image.encoder.layer.0.output.dense.weight"])
+
+
+def test_activation_checkpointing_under_zero3_trains_identically(tmp_path, tiny_text_encoder):
+    """2 ranks, ZeRO-3 (parameters gathered again for the recompute), dropout on: same losses and weights."""
+    torchrun(2, "checkpointing", tmp_path / "ckpt.pt", tiny_text_encoder)
+    res = torch.load(tmp_path / "ckpt.pt")
+    plain, ckpt = res[False], res[True]
+    assert plain["losses"] == pytest.approx(ckpt["losses"], rel=1e-6, abs=1e-6)
+    assert plain["losses"][-1] != plain["losses"][0]
+    assert (plain["calls"], ckpt["calls"]) == (3, 6)  # one forward a step; with checkpointing, a recompute too
+    for name, w in plain["weights"].items():
+        torch.testing.assert_close(ckpt["weights"][name], w, rtol=1e-6, atol=1e-6, msg=name)
