@@ -44,8 +44,9 @@ def test_finetune_two_tasks_records_job_and_recall(slurm_cluster, tmp_path, tiny
     assert json.loads(out.read_text())["recall"] == json.loads((run_dir / "checkpoints" / "final" / "recall.json")
                                                                 .read_text())["recall"]
 
-    # eval.sbatch mine: hard negatives of the split, written beside the checkpoint by default.
-    job3, _ = slurm_cluster.sbatch(f"--output={tmp_path}/%x-%j.out", "slurm/eval.sbatch", "mine",
+    # eval.sbatch mine on 2 tasks (each encodes and searches half): hard negatives of the split, written
+    # beside the checkpoint by default, equal to what one process writes.
+    job3, _ = slurm_cluster.sbatch("--ntasks-per-node=2", f"--output={tmp_path}/%x-%j.out", "slurm/eval.sbatch", "mine",
                                    str(run_dir / "checkpoints" / "final"), "${LDOT_DATA_ROOT}/test", "--k", "2",
                                    env={**env, "LDOT_DATA_ROOT": str(tiny_shards)})
     (rec3,) = slurm_cluster.wait(job3)
@@ -53,3 +54,11 @@ def test_finetune_two_tasks_records_job_and_recall(slurm_cluster, tmp_path, tiny
     mined = run_dir / "checkpoints" / "final" / "hard_negatives" / "test"
     summary = json.loads((mined / "mine.json").read_text())
     assert summary["k"] == 2 and len((mined / "txt2img.jsonl").read_text().splitlines()) == summary["num_captions"]
+    assert "launch: rank 1/2" in (tmp_path / "logs" / f"ldot-eval-{job3}" / "eval.1.log").read_text()
+    from eval.__main__ import main as eval_main
+
+    assert eval_main(["mine", "--checkpoint", str(run_dir / "checkpoints" / "final"), "--data",
+                      str(tiny_shards / "test"), "--k", "2", "--out", str(tmp_path / "one")]) == 0
+    for name in ("txt2img.jsonl", "img2txt.jsonl"):
+        two = [json.loads(x)["negatives"] for x in (mined / name).read_text().splitlines()]
+        assert two == [json.loads(x)["negatives"] for x in (tmp_path / "one" / name).read_text().splitlines()]
