@@ -257,7 +257,8 @@ ldot_train_job() {
         ldot_log "no evaluation set (--eval DIR or data.val): done"
         return 0
     fi
-    ldot_step eval 1 "$LDOT_PYTHON" -m eval recall --checkpoint "$run_dir/checkpoints/final" --data "$eval_data"
+    # every task encodes and searches a slice of the evaluation set; task 0 writes and records
+    ldot_step eval all "$LDOT_PYTHON" -m eval recall --checkpoint "$run_dir/checkpoints/final" --data "$eval_data"
     [[ $LDOT_STEP_RC == 0 ]] || { ldot_log "evaluation failed (exit $LDOT_STEP_RC); see $LDOT_LOG_DIR/eval.0.log"; exit "$LDOT_STEP_RC"; }
     ldot_log "done: $run_dir/checkpoints/final (recall in recall.json there and in the MLflow run)"
 }
