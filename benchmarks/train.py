@@ -110,7 +110,7 @@ def worker(args) -> None:
     from train.distributed import init_distributed
     from train.engine import build_engine
     from train.loop import train_step
-    from train.model import set_grad_checkpointing
+    from train.model import enable_grad_checkpointing
     from train.objectives import Objectives
 
     class _Tok:  # Objectives only needs these for the masked-word task, which this benchmark never runs
@@ -145,7 +145,8 @@ def worker(args) -> None:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         model = build_model(s, seed=0).to(dist.device)
-        set_grad_checkpointing(model, args.grad_checkpointing)
+        if args.grad_checkpointing:
+            enable_grad_checkpointing(model)
         held = held_activation_bytes(model, batch, float_dtype, dist.device) / 2**20
         if engine_name == "ddp":
             import kernels

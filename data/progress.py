@@ -38,12 +38,10 @@ class _Lines(io.TextIOBase):
 
 
 def progress_bar(iterable=None, *, total: int | None = None, desc: str, disable: bool = False,
-                 every_s: float = 30.0, stream=None, tty: bool | None = None, **kwargs) -> tqdm:
+                 every_s: float = 30.0, stream=None, **kwargs) -> tqdm:
     """A tqdm for ``iterable`` / ``total``: a bar on a terminal, a line every ``every_s`` seconds elsewhere."""
     stream = sys.stderr if stream is None else stream
-    if tty is None:
-        tty = hasattr(stream, "isatty") and stream.isatty()
-    if tty:
+    if hasattr(stream, "isatty") and stream.isatty():
         return tqdm(iterable, total=total, desc=desc, disable=disable, mininterval=2.0, file=stream, **kwargs)
     known = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
     # maxinterval too: tqdm's monitor thread would otherwise force a refresh every 10 s

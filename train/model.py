@@ -181,18 +181,14 @@ class DualEncoder(nn.Module):
                 self.contrastive.logit_scale())
 
 
-def set_grad_checkpointing(model: DualEncoder, enabled: bool) -> None:
+def enable_grad_checkpointing(model: DualEncoder) -> None:
     """Both encoders recompute their layers in the backward; dropout masks are replayed (RNG state kept)."""
     for encoder in (model.text, model.image):
-        # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*
-        if enabled and hasattr(encoder, "activation_checkpointing_enable"):
+        # transformers 5 renamed gradient_checkpointing_enable to activation_checkpointing_enable
+        if hasattr(encoder, "activation_checkpointing_enable"):
             encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        elif enabled:
-            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        elif hasattr(encoder, "activation_checkpointing_disable"):
-            encoder.activation_checkpointing_disable()
         else:
-            encoder.gradient_checkpointing_disable()
+            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def build_dual_encoder(model_cfg: ModelConfig, loss_cfg: LossConfig, feature_dim: int, *,
@@ -201,7 +197,8 @@ def build_dual_encoder(model_cfg: ModelConfig, loss_cfg: LossConfig, feature_dim
 
     pretrain adds the VMLM/MRFR/MRC-kl heads (MRC-kl only when the data has num_classes > 0)."""
     tokenizer, model = _build(model_cfg, loss_cfg, feature_dim, pretrain, num_classes)
-    set_grad_checkpointing(model, model_cfg.grad_checkpointing)
+    if model_cfg.grad_checkpointing:
+        enable_grad_checkpointing(model)
     return tokenizer, model
 
 
