@@ -27,11 +27,11 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	@start=$$(date +%s); set -e; \
 	if [ -f $(DEMO_OUT)/data/test/manifest.json ]; then echo "reusing $(DEMO_OUT)/data (synth is deterministic; make clean to redo)"; \
-	else $(BIN)/python -m data synth --out $(DEMO_OUT)/data; fi; \
-	$(BIN)/python -m data inspect $(DEMO_OUT)/data/train > $(DEMO_OUT)/inspect-train.txt; \
-	$(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m train --config train/configs/demo.yaml \
+	else $(BIN)/ldot data synth --out $(DEMO_OUT)/data; fi; \
+	$(BIN)/ldot data inspect $(DEMO_OUT)/data/train > $(DEMO_OUT)/inspect-train.txt; \
+	$(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m ldot.train --config train/configs/demo.yaml \
 		output_dir=$(DEMO_OUT)/run data.train=$(DEMO_OUT)/data/train; \
-	$(BIN)/python -m eval recall --checkpoint $(DEMO_OUT)/run/checkpoints/final --data $(DEMO_OUT)/data/test; \
+	$(BIN)/ldot eval recall --checkpoint $(DEMO_OUT)/run/checkpoints/final --data $(DEMO_OUT)/data/test; \
 	echo; echo "demo finished in $$(( $$(date +%s) - start )) s; outputs under $(DEMO_OUT)/"
 
 test: setup

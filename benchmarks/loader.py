@@ -25,13 +25,11 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from data.convert.captions import multi30k_files, read_multi30k  # noqa: E402  (after the path fix)
-from data.loader import TrainLoader  # noqa: E402
-from data.writer import DatasetWriter  # noqa: E402
+from ldot.data.convert.captions import multi30k_files, read_multi30k  # noqa: E402  (after the path fix)
+from ldot.data.loader import TrainLoader  # noqa: E402
+from ldot.data.writer import DatasetWriter  # noqa: E402
 
-sys.path.append(str(REPO / "benchmarks"))  # after the repo: benchmarks/train.py must not shadow the train package
 from results import append_run, device  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
@@ -64,9 +62,9 @@ def loader_rate(data: Path, tokenizer, *, batch_size: int, workers: int, batches
 
 def trainer_rate(data: Path, steps: int) -> tuple[float, int]:
     """Demo model, one process: forward + CMR + backward + AdamW on demo-shaped batches; (samples/s, batch)."""
-    from train.config import load_config
-    from train.model import build_dual_encoder
-    from train.objectives import Objectives
+    from ldot.train.config import load_config
+    from ldot.train.model_setup import build_dual_encoder
+    from ldot.train.objectives import Objectives
 
     cfg = load_config(REPO / "train" / "configs" / "demo.yaml")
     tokenizer, model = build_dual_encoder(cfg.model, cfg.loss, feature_dim=1280)

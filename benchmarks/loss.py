@@ -25,10 +25,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels import contrastive_loss, contrastive_loss_reference, materialized_contrastive_loss  # noqa: E402
+from ldot.kernels import contrastive_loss, contrastive_loss_reference, materialized_contrastive_loss  # noqa: E402
 
-sys.path.append(str(Path(__file__).resolve().parent))  # after the repo, as the other benchmarks
 from results import RESULTS, append_run  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -75,7 +73,7 @@ def _time_cpu(fn, reps: int) -> float:
 
 
 def _tuned() -> str:
-    mod = sys.modules.get("kernels.contrastive_triton")
+    mod = sys.modules.get("ldot.kernels.contrastive_triton")
     if mod is None:
         return "-"
     out = []
@@ -161,7 +159,7 @@ def executed_flops(n: int, d: int) -> float:
     recomputes S and multiplies by G (8n²d in all) — and for d above SINGLE_K_MAX, unless the
     all-chunks variant won the autotuning, recomputes S once per 256-wide output chunk.
     """
-    from kernels import contrastive_triton as kt
+    from ldot.kernels import contrastive_triton as kt
 
     bwd_macs_per_dir = 2 * n * n * d
     if not kt._single_k(d):

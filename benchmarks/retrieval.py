@@ -28,13 +28,11 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from eval.index import build_index, gpu_available, overlap_at_k, search, to_gpu  # noqa: E402
-from eval.metrics import retrieval_recall  # noqa: E402
-from eval.recall import recall_from_embeddings  # noqa: E402
+from ldot.eval.index import build_index, gpu_available, overlap_at_k, search, to_gpu  # noqa: E402
+from ldot.eval.metrics import retrieval_recall  # noqa: E402
+from ldot.eval.recall import recall_from_embeddings  # noqa: E402
 
-sys.path.append(str(REPO / "benchmarks"))  # after the repo: benchmarks/train.py must not shadow the train package
 from results import append_run, device  # noqa: E402
 
 # LightningDOT Table 7: ms per text query on a TITAN RTX, query encoding included.

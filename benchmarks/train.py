@@ -25,8 +25,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.append(str(ROOT / "benchmarks"))  # after the repo: this file must not shadow the train package
 from results import append_run  # noqa: E402
 
 SIZES = {
@@ -53,8 +51,8 @@ def build_model(s: dict, seed: int):
     import torch
     from transformers import BertConfig, BertModel
 
-    from kernels import ContrastiveLoss
-    from train.model import DualEncoder, ImageEncoder
+    from ldot.kernels import ContrastiveLoss
+    from ldot.model import DualEncoder, ImageEncoder
 
     torch.manual_seed(seed)
     common = dict(hidden_size=s["hidden"], num_attention_heads=s["heads"], intermediate_size=s["ffn"],
@@ -69,7 +67,7 @@ def held_activation_bytes(model, batch: dict, float_dtype, device) -> int:
     parameters excluded. With activation checkpointing only each layer's input is kept."""
     import torch
 
-    import kernels
+    from ldot import kernels
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
@@ -106,12 +104,12 @@ def synthetic_batch(s: dict, batch: int, device, seed: int) -> dict:
 def worker(args) -> None:
     import torch
 
-    from train.config import EngineConfig, OptimConfig
-    from train.distributed import init_distributed
-    from train.engine import build_engine
-    from train.loop import train_step
-    from train.model import enable_grad_checkpointing
-    from train.objectives import Objectives
+    from ldot.train.config import EngineConfig, OptimConfig
+    from ldot.distributed import init_distributed
+    from ldot.train.engine import build_engine
+    from ldot.train.loop import train_step
+    from ldot.model import enable_grad_checkpointing
+    from ldot.train.objectives import Objectives
 
     class _Tok:  # Objectives only needs these for the masked-word task, which this benchmark never runs
         mask_token_id, all_special_ids = 103, [0, 101, 102, 103]
@@ -149,7 +147,7 @@ def worker(args) -> None:
             enable_grad_checkpointing(model)
         held = held_activation_bytes(model, batch, float_dtype, dist.device) / 2**20
         if engine_name == "ddp":
-            import kernels
+            from ldot import kernels
 
             ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.world_size > 1 else model
             opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.98), weight_decay=0.01,
@@ -227,8 +225,7 @@ def main() -> None:
                __file__, "--worker", f"--result={result}", f"--size={args.size}", f"--precision={args.precision}",
                f"--batch={args.batch}", f"--steps={args.steps}", f"--warmup={args.warmup}", f"--engines={args.engines}"]
         cmd += ["--grad-checkpointing"] if args.grad_checkpointing else []
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // args.nproc))),
-               "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // args.nproc)))}
         subprocess.run(cmd, check=True, env=env)
         rows = json.loads(result.read_text())
 

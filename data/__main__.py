@@ -1,4 +1,4 @@
-"""Command line of the data package: `python -m data {synth,inspect,convert} ...`."""
+"""Command line of the data package: `ldot data {synth,inspect,convert} ...`."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import argparse
 import logging
 import sys
 
-from data.errors import DataError
+from ldot.errors import EXIT_BAD_INPUT, LdotError
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from data.synth import synth
+    from ldot.data.synth import synth
 
     t = synth(args.out, images=args.images, test_images=args.test_images, seed=args.seed, with_cls=args.with_cls,
               shard_size=args.shard_size, overwrite=args.overwrite)
@@ -20,7 +20,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from data.validate import check_dataset
+    from ldot.data.validate import check_dataset
 
     report = check_dataset(args.dir)
     print(report.format(max_problems=args.max_problems))
@@ -28,13 +28,13 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from data.convert import run_convert
+    from ldot.data.convert import run_convert
 
     return run_convert(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m data", description=__doc__)
+    parser = argparse.ArgumentParser(prog="ldot data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="render the synthetic demo set and extract its features")
@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_inspect)
 
     try:
-        from data.convert import add_convert_parser
+        from ldot.data.convert import add_convert_parser
     except ImportError:  # converters not built yet
         pass
     else:
@@ -66,9 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except DataError as err:  # bad input is the user's to fix: one clear line, no traceback
+    except LdotError as err:  # bad input is the user's to fix: one clear line, no traceback
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from data import schema
+from ldot.data import schema
 
 
 def pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from ldot.errors import LdotError
 
-class DataError(Exception):
+
+class DataError(LdotError):
     """Bad input or a broken dataset, located as precisely as we know.
 
     ``shard`` is a shard file (or any source file), ``key`` the sample key inside it, ``reason`` a short

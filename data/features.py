@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data.progress import progress_bar
-from data.schema import grid_boxes
+from ldot.data.progress import progress_bar
+from ldot.data.schema import grid_boxes
 
 
 class GridBackbone:

@@ -48,10 +48,10 @@ import torch
 import webdataset as wds
 from webdataset.utils import make_seed
 
-from data import schema
-from data.batching import bucketed, collate_images, collate_train
-from data.errors import DataError
-from data.reader import ErrorPolicy, read_shard
+from ldot.data import schema
+from ldot.data.batching import bucketed, collate_images, collate_train
+from ldot.data.errors import DataError
+from ldot.data.reader import ErrorPolicy, read_shard
 
 STATE_VERSION = 1
 

@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 
 import webdataset as wds
 
-from data.errors import DataError
+from ldot.data.errors import DataError
 
 log = logging.getLogger("data")
 

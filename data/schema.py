@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
-from data.errors import DataError
+from ldot.data.errors import DataError
 
 SCHEMA_VERSION = 1
 SHARD_PATTERN = "shard-%06d.tar"
@@ -108,7 +108,7 @@ def write_manifest(data_dir: str | os.PathLike, manifest: Manifest) -> Path:
 def read_manifest(data_dir: str | os.PathLike) -> Manifest:
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
-        raise DataError(f"no {MANIFEST} (is this a dataset directory made by `python -m data`?)", shard=str(data_dir))
+        raise DataError(f"no {MANIFEST} (is this a dataset directory made by `ldot data`?)", shard=str(data_dir))
     try:
         raw = json.loads(path.read_text())
         version = raw.get("schema_version")

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data.features import EfficientNetLite0Grid, thumbnail_jpeg
-from data.writer import DatasetWriter
+from ldot.data.features import EfficientNetLite0Grid, thumbnail_jpeg
+from ldot.data.writer import DatasetWriter
 
 COLORS = {
     "red": (214, 40, 40),

@@ -1,4 +1,4 @@
-"""Whole-dataset validation behind `python -m data inspect` and the writers' read-back check."""
+"""Whole-dataset validation behind `ldot data inspect` and the writers' read-back check."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import dataclasses
 import os
 from pathlib import Path
 
-from data import schema
-from data.errors import DataError
-from data.progress import progress_bar
-from data.reader import ErrorPolicy, read_shard
+from ldot.data import schema
+from ldot.data.errors import DataError
+from ldot.data.progress import progress_bar
+from ldot.data.reader import ErrorPolicy, read_shard
 
 
 class _Collect(ErrorPolicy):

@@ -12,15 +12,18 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
-from data import schema
-from data.errors import DataError
+from ldot.data import schema
+from ldot.data.errors import DataError
 
 
 def command_line() -> str:
     """How this process was started, for the manifest's ``command``."""
     argv = list(sys.argv)
-    if argv and argv[0].endswith("__main__.py"):
-        argv[0:1] = ["python", "-m", Path(argv[0]).parent.name]
+    if argv and argv[0].endswith("__main__.py"):  # python -m ldot.data ... is `ldot data ...`
+        package = Path(argv[0]).parent.name
+        argv[0:1] = ["ldot"] if package == "ldot" else ["ldot", package]
+    elif argv and Path(argv[0]).name == "ldot":
+        argv[0] = "ldot"
     return shlex.join(argv)
 
 
@@ -138,7 +141,7 @@ class DatasetWriter:
         schema.write_manifest(self.out_dir, m)
         (self.out_dir / PROGRESS).unlink(missing_ok=True)
         if self.verify:
-            from data.validate import check_dataset  # late: validate imports this module's siblings only
+            from ldot.data.validate import check_dataset  # late: validate imports this module's siblings only
 
             report = check_dataset(self.out_dir)
             if not report.ok:

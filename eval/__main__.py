@@ -1,4 +1,4 @@
-"""`python -m eval COMMAND`: recall tables, indexes, search, hard-negative mining and run comparison.
+"""`ldot eval COMMAND`: recall tables, indexes, search, hard-negative mining and run comparison.
 
 Each command lives in its own module exposing add_parser(subparsers), which sets `func`; the modules
 are listed in COMMANDS. Errors the user can fix print as one line and exit 2.
@@ -10,11 +10,11 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("eval.recall_cmd", "eval.index_cmd", "eval.search_cmd", "eval.mine_cmd", "eval.compare_cmd", "eval.sync_cmd")
+COMMANDS = tuple(f"ldot.eval.{name}_cmd" for name in ("recall", "index", "search", "mine", "compare", "sync"))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eval")
+    parser = argparse.ArgumentParser(prog="ldot eval")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         importlib.import_module(name).add_parser(sub)
@@ -25,15 +25,13 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    from data import DataError
-    from eval.errors import EvalError
-    from train.errors import ConfigError
+    from ldot.errors import EXIT_BAD_INPUT, LdotError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, EvalError) as exc:
+    except LdotError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

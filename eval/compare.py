@@ -3,7 +3,7 @@ ways, throughput; and one figure of their loss and recall curves.
 
 Reads through the MLflow client, so a sqlite store and a tracking server alike. Metric names are the
 trainer's: `loss/<task>`, `samples_per_s`, `val/<k>` (validation during training), `test/<k>` (from
-`python -m eval recall`), with k in ar, tr_r1, ir_r1, ...
+`ldot eval recall`), with k in ar, tr_r1, ir_r1, ...
 """
 from __future__ import annotations
 
@@ -192,7 +192,7 @@ def plot_comparison(summaries: list[RunSummary], path: str | Path) -> Path:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     if not any_recall:
-        ax_rec.text(0.5, 0.5, "no recall recorded\n(eval.every_steps, or python -m eval recall)",
+        ax_rec.text(0.5, 0.5, "no recall recorded\n(eval.every_steps, or ldot eval recall)",
                     ha="center", va="center", transform=ax_rec.transAxes, color="gray")
     fig.tight_layout()
     path = Path(path)

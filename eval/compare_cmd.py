@@ -1,4 +1,4 @@
-"""`python -m eval compare`: runs side by side from MLflow (a sqlite store or a server) and a PNG of
+"""`ldot eval compare`: runs side by side from MLflow (a sqlite store or a server) and a PNG of
 their loss and recall curves."""
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
 
 def tracking_uri(given: str | None) -> str:
     """--tracking-uri as given; a directory means its mlflow.db (or the run its mlflow_run.json names)."""
-    from train.errors import ConfigError
+    from ldot.train.errors import ConfigError
 
     if given and Path(given).is_dir():
         d = Path(given)
@@ -41,9 +41,9 @@ def tracking_uri(given: str | None) -> str:
 def run(args) -> int:
     from mlflow.tracking import MlflowClient
 
-    from eval.compare import find_runs, format_comparison, plot_comparison, summarize
-    from train.errors import ConfigError
-    from train.tracking_outbox import limit_mlflow_retries
+    from ldot.eval.compare import find_runs, format_comparison, plot_comparison, summarize
+    from ldot.train.errors import ConfigError
+    from ldot.tracking.outbox import limit_mlflow_retries
 
     limit_mlflow_retries()
     uri = tracking_uri(args.tracking_uri)

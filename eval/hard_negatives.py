@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.metrics import TopK
+from ldot.eval.metrics import TopK
 
 
 def _first_k_not(ids: np.ndarray, scores: np.ndarray, positive: np.ndarray, k: int):

@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval.errors import EvalError
+from ldot.eval.errors import EvalError
 
 
 class ImageStore:
     """Images of one dataset directory, addressed by row = position in shard order (EvalSplit's order)."""
 
     def __init__(self, data_dir: str | Path, keys: list[str] | None = None):
-        from data import schema
+        from ldot.data import schema
 
         self.data_dir = Path(data_dir)
         self.manifest = schema.read_manifest(self.data_dir)
@@ -65,15 +65,15 @@ class ImageStore:
 
     def regions(self, row: int) -> tuple[np.ndarray, np.ndarray]:
         """(features [N, D] float32, boxes [N, 4]) of one image."""
-        from data import schema
+        from ldot.data import schema
 
         key = self.keys[row]
         return self._npy(key, schema.FEAT).astype(np.float32), self._npy(key, schema.BOX).astype(np.float32)
 
     def batch(self, rows) -> dict[str, torch.Tensor]:
         """Collated img_feat / img_pos / img_mask for the image encoder, in the order of rows."""
-        from data import schema
-        from data.batching import collate_images
+        from ldot.data import schema
+        from ldot.data.batching import collate_images
 
         samples = []
         for r in rows:

@@ -19,7 +19,7 @@ from typing import Literal
 import faiss
 import numpy as np
 
-from eval.errors import EvalError
+from ldot.eval.errors import EvalError
 
 IndexType = Literal["exact", "ivf", "hnsw"]
 INDEX_TYPES = ("exact", "ivf", "hnsw")
@@ -223,6 +223,6 @@ def load_index(path: str | Path, checkpoint: str | Path | None = None, *, gpu: b
         if fp != meta["checkpoint"]["fingerprint"]:
             raise EvalError(f"{meta_file}: the index was built by the checkpoint {meta['checkpoint']['path']} "
                             f"(fingerprint {meta['checkpoint']['fingerprint'][:12]}), not by {checkpoint} "
-                            f"({fp[:12]}); rebuild it with python -m eval index")
+                            f"({fp[:12]}); rebuild it with ldot eval index")
     set_search_params(index, meta.get("params", {}))
     return IndexDir(path, to_gpu(index) if gpu else index, meta, items)

@@ -1,4 +1,4 @@
-"""`python -m eval index`: encode a split's images once into a FAISS index directory for `search`.
+"""`ldot eval index`: encode a split's images once into a FAISS index directory for `search`.
 
 For the approximate types (IVF, HNSW) the build also searches with the split's captions through the
 new index and an exact one and reports how much of the exact top-k it finds and the image-retrieval
@@ -37,8 +37,8 @@ def index_items(split) -> list[dict]:
 
 def approximate_report(index, image_emb: np.ndarray, text_emb: np.ndarray, caption_image, ks=(1, 5, 10)) -> dict:
     """Overlap with exact search at 1 and 10, and IR recall through each index, on the captions as queries."""
-    from eval.index import build_exact_index, overlap_at_k, search
-    from eval.metrics import TopK, retrieval_recall
+    from ldot.eval.index import build_exact_index, overlap_at_k, search
+    from ldot.eval.metrics import TopK, retrieval_recall
 
     depth = min(max(ks) + 1, len(image_emb))
     exact = build_exact_index(image_emb)
@@ -66,10 +66,10 @@ def approximate_report(index, image_emb: np.ndarray, text_emb: np.ndarray, capti
 def run(args) -> int:
     import torch
 
-    from data.loader import load_eval_split
-    from eval.index import build_index, save_index
-    from eval.recall import encode_split
-    from train.model import load_dual_encoder
+    from ldot.data.loader import load_eval_split
+    from ldot.eval.index import build_index, save_index
+    from ldot.eval.recall import encode_split
+    from ldot.model import load_dual_encoder
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.perf_counter()

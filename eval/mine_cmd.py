@@ -1,4 +1,4 @@
-"""`python -m eval mine`: hard negatives of a dataset under an exported dual encoder, for re-ranker training.
+"""`ldot eval mine`: hard negatives of a dataset under an exported dual encoder, for re-ranker training.
 
 Encodes the split, searches it exactly both ways (FAISS, as `recall` does) and writes, per caption, the
 K images ranked highest that are not its own, and per image, the K captions of other images ranked
@@ -27,13 +27,13 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from data.loader import load_eval_split
-    from eval.errors import EvalError
-    from eval.hard_negatives import mine, positive_ranks, write_jsonl
-    from eval.index import gpu_available
-    from eval.recall import encode_split, topk_from_embeddings
-    from eval.recall_cmd import rank_world_device
-    from train.model import load_dual_encoder
+    from ldot.data.loader import load_eval_split
+    from ldot.eval.errors import EvalError
+    from ldot.eval.hard_negatives import mine, positive_ranks, write_jsonl
+    from ldot.eval.index import gpu_available
+    from ldot.eval.recall import encode_split, topk_from_embeddings
+    from ldot.eval.recall_cmd import rank_world_device
+    from ldot.model import load_dual_encoder
 
     if args.k < 1:
         raise EvalError(f"--k must be positive, not {args.k}")

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data.progress import progress_bar
-from eval.index import build_exact_index, dense_scores, search, to_gpu
-from eval.metrics import TopK, retrieval_recall
+from ldot.data.progress import progress_bar
+from ldot.eval.index import build_exact_index, dense_scores, search, to_gpu
+from ldot.eval.metrics import TopK, retrieval_recall
 
 
 def _autocast(device: torch.device, model_dtype: torch.dtype, bf16: bool | None):
@@ -59,7 +59,7 @@ def encode_texts(model, batches: Iterator[dict], *, device="cpu", bf16: bool | N
 
 
 def _tokenized(tokenizer, texts: Sequence[str], batch_size: int, max_text_len: int) -> Iterator[dict]:
-    from data.loader import tokenize  # the same tokenization as EvalSplit.text_batches
+    from ldot.data.loader import tokenize  # the same tokenization as EvalSplit.text_batches
 
     for i in range(0, len(texts), batch_size):
         yield tokenize(tokenizer, list(texts[i:i + batch_size]), max_text_len)
@@ -77,10 +77,10 @@ def _slice(n: int, rank: int, world: int) -> tuple[int, int]:
 
 def _image_batches_range(split, lo: int, hi: int, batch_size: int) -> Iterator[dict]:
     """Images lo..hi of an EvalSplit, read from the shards that hold them (a rank's slice)."""
-    from data import schema
-    from data.batching import collate_images
-    from data.errors import DataError
-    from data.reader import ErrorPolicy, read_shard
+    from ldot.data import schema
+    from ldot.data.batching import collate_images
+    from ldot.data.errors import DataError
+    from ldot.data.reader import ErrorPolicy, read_shard
 
     policy, batch, first = ErrorPolicy("error"), [], 0
     for path, info in zip(split.paths, split.manifest.shards):

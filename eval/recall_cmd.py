@@ -1,4 +1,4 @@
-"""`python -m eval recall`: the recall table of an exported dual encoder on a dataset directory.
+"""`ldot eval recall`: the recall table of an exported dual encoder on a dataset directory.
 
 Prints R@1/5/10 (any --ks) both ways with the chance level, writes JSON, Markdown and two pictures
 (recall at every K; the top-10 images of a few queries with the ground truth framed) beside the
@@ -47,7 +47,7 @@ def rank_world_device() -> tuple[int, int, str]:
 
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
     if world > 1:
-        from train.distributed import init_distributed
+        from ldot.distributed import init_distributed
 
         info = init_distributed()
         return info.rank, info.world_size, str(info.device)
@@ -75,12 +75,12 @@ def pick_figure_queries(ir_ids: np.ndarray, gt: np.ndarray, n: int) -> list[int]
 
 
 def run(args) -> int:
-    from data.loader import load_eval_split
-    from eval.index import gpu_available
-    from eval.metrics import chance_recall, format_table, retrieval_recall
-    from eval.recall import encode_split, recall_from_embeddings, topk_from_embeddings
-    from train.model import load_dual_encoder
-    from train.tracking import RUN_FILE, Tracker
+    from ldot.data.loader import load_eval_split
+    from ldot.eval.index import gpu_available
+    from ldot.eval.metrics import chance_recall, format_table, retrieval_recall
+    from ldot.eval.recall import encode_split, recall_from_embeddings, topk_from_embeddings
+    from ldot.model import load_dual_encoder
+    from ldot.tracking import RUN_FILE, Tracker
 
     rank, world, device = rank_world_device()
     ks, pool_ks = tuple(args.ks), tuple(args.pool_ks)
@@ -183,16 +183,16 @@ def run(args) -> int:
         # records go out in the background: wait for them here, so they are in the run when we return
         sent = tracker.drain() if hasattr(tracker, "drain") else True
         print(f"recorded in MLflow run {info['run_id']} ({uri})" if sent else
-              f"MLflow at {uri} did not answer; the records wait in the outbox (python -m eval sync sends them)")
+              f"MLflow at {uri} did not answer; the records wait in the outbox (ldot eval sync sends them)")
         print(f"open the runs:  mlflow ui --backend-store-uri {uri}")
     return 0
 
 
 def _rerank(args, split, top, ks, device) -> dict:
     """Recall after re-ranking each row's top M (both directions) with a second dual encoder."""
-    from eval.image_store import ImageStore
-    from eval.metrics import retrieval_recall
-    from eval.rerank import DualEncoderReranker, rerank_topk
+    from ldot.eval.image_store import ImageStore
+    from ldot.eval.metrics import retrieval_recall
+    from ldot.eval.rerank import DualEncoderReranker, rerank_topk
 
     t = time.perf_counter()
     reranker = DualEncoderReranker.from_checkpoint(args.rerank, ImageStore(split.data_dir, split.keys), device=device)
@@ -202,9 +202,9 @@ def _rerank(args, split, top, ks, device) -> dict:
 
 
 def _figures(args, split, top, curve_k: int, out: Path, model_name: str) -> list[Path]:
-    from eval.figures import plot_recall_curve, plot_topk_grid
-    from eval.image_store import ImageStore
-    from eval.metrics import chance_recall, recall_curve
+    from ldot.eval.figures import plot_recall_curve, plot_topk_grid
+    from ldot.eval.image_store import ImageStore
+    from ldot.eval.metrics import chance_recall, recall_curve
 
     cap_img = split.caption_image
     curve = recall_curve(top, cap_img, curve_k)

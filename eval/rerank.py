@@ -14,7 +14,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from eval.metrics import TopK
+from ldot.eval.metrics import TopK
 
 
 class Reranker(ABC):
@@ -45,11 +45,11 @@ class DualEncoderReranker(Reranker):
 
     @classmethod
     def from_checkpoint(cls, checkpoint, store, device="cpu", **kw) -> "DualEncoderReranker":
-        from train.model import load_dual_encoder
+        from ldot.model import load_dual_encoder
 
         tokenizer, model, meta = load_dual_encoder(checkpoint, device=device)
         if meta.get("feature_dim") not in (None, store.feature_dim):
-            from eval.errors import EvalError
+            from ldot.eval.errors import EvalError
 
             raise EvalError(f"{checkpoint}: re-ranker was trained on {meta['feature_dim']}-d features, "
                             f"{store.data_dir} has {store.feature_dim}")
@@ -60,7 +60,7 @@ class DualEncoderReranker(Reranker):
         self._image.clear()
 
     def _fill(self, texts: Sequence[str], rows: np.ndarray) -> None:
-        from eval.recall import encode_images, encode_queries
+        from ldot.eval.recall import encode_images, encode_queries
 
         new_t = sorted({t for t in texts if t not in self._text})
         if new_t:

@@ -1,4 +1,4 @@
-"""`python -m eval search`: answer a text query from an index directory, as the paper's real-time
+"""`ldot eval search`: answer a text query from an index directory, as the paper's real-time
 retrieval: one text-encoder pass, one top-K search, optionally a re-ranker on the top M.
 
 Prints the top K with scores and the time split into encode / search / re-rank (steady state: the
@@ -12,7 +12,7 @@ import time
 
 def add_parser(sub) -> None:
     p = sub.add_parser("search", help="Top-K images for a text query from an index directory")
-    p.add_argument("--index", required=True, help="index directory (python -m eval index)")
+    p.add_argument("--index", required=True, help="index directory (ldot eval index)")
     p.add_argument("--checkpoint", required=True, help="the exported encoders that built the index")
     p.add_argument("--query", required=True, action="append", help="query text (repeat for several)")
     p.add_argument("-k", type=int, default=10, help="results to print")
@@ -30,10 +30,10 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import torch
 
-    from eval.errors import EvalError
-    from eval.index import load_index, search, set_search_params
-    from eval.recall import encode_queries
-    from train.model import load_dual_encoder
+    from ldot.eval.errors import EvalError
+    from ldot.eval.index import load_index, search, set_search_params
+    from ldot.eval.recall import encode_queries
+    from ldot.model import load_dual_encoder
 
     if args.k < 1 or args.rerank_top < 1:
         raise EvalError("-k and --rerank-top must be at least 1")
@@ -45,8 +45,8 @@ def run(args) -> int:
     max_len = meta.get("max_text_len", 32)
     reranker = None
     if args.rerank:
-        from eval.image_store import ImageStore
-        from eval.rerank import DualEncoderReranker
+        from ldot.eval.image_store import ImageStore
+        from ldot.eval.rerank import DualEncoderReranker
 
         data = args.data or idx.meta.get("data")
         if not data:
@@ -74,7 +74,7 @@ def run(args) -> int:
         first_rank = {int(i): r for r, i in enumerate(ids)}
         t_rerank = 0.0
         if reranker:
-            from eval.rerank import rerank_row
+            from ldot.eval.rerank import rerank_row
 
             m = min(args.rerank_top, int((ids >= 0).sum()))
             reranker.score(query, ids[:1])  # warm-up; then the timed pass scores every candidate afresh

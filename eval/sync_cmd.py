@@ -1,4 +1,4 @@
-"""`python -m eval sync DIR`: send the MLflow records a job left in its outbox (the tracking server was
+"""`ldot eval sync DIR`: send the MLflow records a job left in its outbox (the tracking server was
 away when it ended). Safe to run any number of times: what the server has is not recorded twice."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import logging
 
-    from train.tracking_outbox import sync
+    from ldot.tracking.outbox import sync
 
     logging.getLogger("ldot.tracking").setLevel(logging.INFO)
     left = sync(args.dir, args.tracking_uri)

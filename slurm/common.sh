@@ -236,7 +236,7 @@ ldot_train_job() {
         fi
         # `auto` is a fresh start in a new output directory and a resume after a requeue.
         LDOT_STEP_FORWARDS_USR1=1
-        ldot_step train all "$LDOT_PYTHON" -m train --config "$config" "${overrides[@]}" --resume "${LDOT_RESUME:-auto}"
+        ldot_step train all "$LDOT_PYTHON" -m ldot.train --config "$config" "${overrides[@]}" --resume "${LDOT_RESUME:-auto}"
         LDOT_STEP_FORWARDS_USR1=0
         case $LDOT_STEP_RC in
             0) ;;
@@ -258,7 +258,7 @@ ldot_train_job() {
         return 0
     fi
     # every task encodes and searches a slice of the evaluation set; task 0 writes and records
-    ldot_step eval all "$LDOT_PYTHON" -m eval recall --checkpoint "$run_dir/checkpoints/final" --data "$eval_data"
+    ldot_step eval all "$LDOT_PYTHON" -m ldot.eval recall --checkpoint "$run_dir/checkpoints/final" --data "$eval_data"
     [[ $LDOT_STEP_RC == 0 ]] || { ldot_log "evaluation failed (exit $LDOT_STEP_RC); see $LDOT_LOG_DIR/eval.0.log"; exit "$LDOT_STEP_RC"; }
     ldot_log "done: $run_dir/checkpoints/final (recall in recall.json there and in the MLflow run)"
 }

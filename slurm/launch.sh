@@ -2,7 +2,7 @@
 # srun's per-task entry: turns Slurm's task layout into torch.distributed's variables, then runs the
 # command in place of this shell (so signals reach it directly). One task per GPU, no ssh or pdsh:
 #
-#   srun [--nodes N --ntasks-per-node G --gpus-per-node G] slurm/launch.sh python -m train --config ...
+#   srun [--nodes N --ntasks-per-node G --gpus-per-node G] slurm/launch.sh ldot train --config ...
 #
 #   RANK        <- SLURM_PROCID        WORLD_SIZE  <- SLURM_NTASKS
 #   LOCAL_RANK  <- SLURM_LOCALID       (0 when Slurm bound the task to a single GPU)

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout, when not pip-installed
 
 
 @contextlib.contextmanager
@@ -54,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
 
-    from train.config import load_config
-    from train.errors import ConfigError
-    from train.tracking import resolve_tracking_uri
+    from ldot.train.config import load_config
+    from ldot.train.errors import ConfigError
+    from ldot.tracking import resolve_tracking_uri
 
     try:
         cfg = load_config(args.config, args.overrides)

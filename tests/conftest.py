@@ -67,12 +67,12 @@ def tiny_text_encoder(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory):
-    """Real `python -m data synth` output (EfficientNet-lite0 features): 64 train and 24 test images."""
+    """Real `ldot data synth` output (EfficientNet-lite0 features): 64 train and 24 test images."""
     import subprocess
     import sys
 
     out = tmp_path_factory.mktemp("shards")
-    proc = subprocess.run([sys.executable, "-m", "data", "synth", "--out", str(out), "--images", "64",
+    proc = subprocess.run([sys.executable, "-m", "ldot.data", "synth", "--out", str(out), "--images", "64",
                            "--test-images", "24", "--seed", "1"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out

@@ -24,14 +24,14 @@ def _run(args, cwd=ROOT, timeout=600):
 def demo(tmp_path_factory, tiny_shards):
     out = tmp_path_factory.mktemp("demo")
     data = tiny_shards
-    inspect = _run([sys.executable, "-m", "data", "inspect", str(data / "train")])
+    inspect = _run([sys.executable, "-m", "ldot.data", "inspect", str(data / "train")])
     run = out / "run"
-    _run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "train",
+    _run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "ldot.train",
           "--config", "train/configs/demo.yaml", f"output_dir={run}", f"data.train={data / 'train'}",
           "data.batch_size=8", "optim.max_steps=16", "optim.lr=3e-4", "optim.warmup_ratio=0.1",
           "tracking.experiment=pipeline-test", f"data.val={data / 'test'}", "eval.every_steps=8"])
     ckpt = run / "checkpoints" / "final"
-    recall = _run([sys.executable, "-m", "eval", "recall", "--checkpoint", str(ckpt),
+    recall = _run([sys.executable, "-m", "ldot.eval", "recall", "--checkpoint", str(ckpt),
                    "--data", str(data / "test")])
     return {"out": out, "data": data, "run": run, "ckpt": ckpt, "inspect": inspect.stdout,
             "recall_stdout": recall.stdout}

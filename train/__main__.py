@@ -1,8 +1,11 @@
-"""`python -m train --config CONFIG [key=value ...] [--resume auto]`: run a training job.
+"""`ldot train --config CONFIG [key=value ...] [--resume auto]` (or `python -m ldot.train ...`): run a training job.
 
 Runs under torchrun, deepspeed or srun. Exit codes of every rank: 0 done; 2 bad config or data (one-line
 message); 75 preempted (SIGUSR1/SIGTERM to any rank): a checkpoint was written, run again with
 --resume auto. srun passes 75 on as the step's exit code; torchrun reports it as a worker failure.
+
+The config is read and its paths checked before torch, DeepSpeed and transformers are imported, so a
+typo is reported in a fraction of a second rather than after the trainer's start-up.
 """
 from __future__ import annotations
 
@@ -11,9 +14,11 @@ import logging
 import os
 import sys
 
+from ldot.errors import EXIT_BAD_INPUT, EXIT_REQUEUE, LdotError
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
+    parser = argparse.ArgumentParser(prog="ldot train", description=__doc__)
     parser.add_argument("--config", required=True, help="YAML recipe, e.g. train/configs/demo.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-5 data.batch_size=64")
     parser.add_argument("--resume", default=None,
@@ -23,23 +28,23 @@ def main(argv: list[str] | None = None) -> int:
 
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s")
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-    from data import DataError
-    from train.config import load_config
-    from train.errors import ConfigError
-    from train.loop import train
-    from train.preemption import EXIT_REQUEUE
+    from ldot.train.config import load_config
+    from ldot.train.preflight import check_paths
 
     try:
         cfg = load_config(args.config, args.overrides)
+        check_paths(cfg)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        from ldot.train.loop import train
+
         outcome, path = train(cfg, resume=args.resume)
-    except (ConfigError, DataError) as exc:
+    except LdotError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     if outcome == "preempted":
         if rank == "0":
             print(f"preempted: checkpoint {path}; exit {EXIT_REQUEUE} (requeue with --resume auto)")

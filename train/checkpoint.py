@@ -17,7 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from train.errors import ConfigError
+from ldot.files import write_atomic
+from ldot.train.errors import ConfigError
 
 log = logging.getLogger("ldot.checkpoint")
 
@@ -28,15 +29,6 @@ _TAG = re.compile(r"^step-(\d{8})$")
 
 def tag_for(step: int) -> str:
     return f"step-{step:08d}"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict[str, Any]:
@@ -92,8 +84,8 @@ class CheckpointManager:
         os.replace(rank_file.with_suffix(".tmp"), rank_file)
         dist.barrier()  # every rank's files are on disk before the marker
         if self.rank == 0:
-            _atomic_write(path / TRAINER_STATE, json.dumps(trainer_state, indent=2))
-            _atomic_write(path / COMPLETE, "")
+            write_atomic(path / TRAINER_STATE, json.dumps(trainer_state, indent=2))
+            write_atomic(path / COMPLETE, "")
             self._prune()
         dist.barrier()
         log.info("saved checkpoint %s", path)

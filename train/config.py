@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from train.errors import ConfigError
+from ldot.train.errors import ConfigError
 
 
 @dataclass
@@ -169,7 +169,7 @@ class TrackingConfig:
     system/<host>-rank<r>/...; 0 turns it off."""
     timeout_s: float = 10.0
     """Seconds the start and the end of a job wait for the tracking server; after that training goes on
-    and the records wait in <output_dir>/mlflow_outbox (sent when it answers, or by `python -m eval sync`)."""
+    and the records wait in <output_dir>/mlflow_outbox (sent when it answers, or by `ldot eval sync`)."""
     log_checkpoint: bool = False
     """Upload the final encoders as run artifacts; otherwise the run refers to them (tag ldot.checkpoint)."""
 

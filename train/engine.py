@@ -13,8 +13,8 @@ import deepspeed
 import torch
 from torch import nn
 
-from train.config import EngineConfig, OptimConfig
-from train.errors import ConfigError
+from ldot.train.config import EngineConfig, OptimConfig
+from ldot.train.errors import ConfigError
 
 # Keys the typed config owns; a DeepSpeed JSON that sets them would silently disagree with the run's record.
 _OWNED_KEYS = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",

@@ -7,18 +7,20 @@ from pathlib import Path
 
 import torch
 
-from data.loader import TrainLoader
-from data.progress import progress_bar
-from data.schema import read_manifest
-from train.checkpoint import CheckpointManager
-from train.config import TrainConfig, dump_config, to_dict
-from train.distributed import DistInfo, init_distributed
-from train.errors import ConfigError
-from train.engine import build_engine, loss_scale
-from train.model import build_dual_encoder, export_dual_encoder
-from train.objectives import Objectives, TaskSampler, mask_generator
-from train.preemption import PreemptionWatch
-from train.tracking import Tracker, start_job_tracking
+from ldot.data.loader import TrainLoader
+from ldot.data.progress import progress_bar
+from ldot.data.schema import read_manifest
+from ldot.train.checkpoint import CheckpointManager
+from ldot.train.config import TrainConfig, dump_config, to_dict
+from ldot.distributed import DistInfo, init_distributed
+from ldot.train.errors import ConfigError
+from ldot.train.engine import build_engine, loss_scale
+from ldot.model import export_dual_encoder
+from ldot.train.model_setup import build_dual_encoder
+from ldot.train.objectives import Objectives, TaskSampler, mask_generator
+from ldot.train.preemption import PreemptionWatch
+from ldot.tracking import Tracker
+from ldot.train.job_tracking import start_job_tracking
 
 log = logging.getLogger("ldot.train")
 
@@ -69,14 +71,14 @@ class Validator:
     records. The split is loaded once."""
 
     def __init__(self, cfg: TrainConfig, tokenizer, out: Path, manifest_meta: dict, is_main: bool):
-        from data.loader import load_eval_split
+        from ldot.data.loader import load_eval_split
 
         self.cfg, self.tokenizer, self.is_main = cfg, tokenizer, is_main
         self.split = load_eval_split(cfg.data.val)
         self.best_dir, self.meta, self.best = out / "checkpoints" / "best", manifest_meta, -1.0
 
     def __call__(self, engine, step: int, tracker: Tracker) -> dict:
-        from eval.recall import evaluate_split
+        from ldot.eval.recall import evaluate_split
 
         recall = evaluate_split(engine.module, self.split, self.tokenizer, ks=self.cfg.eval.ks,
                                 batch_size=self.cfg.eval.batch_size, max_text_len=self.cfg.data.max_text_len,

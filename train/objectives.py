@@ -10,8 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import kernels
-from train.model import DualEncoder
+from ldot import kernels
+from ldot.model import DualEncoder
 
 TASKS = ("cmr", "vmlm", "mrfr", "mrckl")
 IGNORE = -100

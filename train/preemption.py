@@ -11,9 +11,9 @@ import signal
 import torch
 import torch.distributed as dist
 
-log = logging.getLogger("ldot.preemption")
+from ldot.errors import EXIT_REQUEUE  # noqa: F401  (the trainer's exit code after a preemption checkpoint)
 
-EXIT_REQUEUE = 75  # EX_TEMPFAIL: "checkpoint written, run me again with --resume auto"
+log = logging.getLogger("ldot.preemption")
 
 
 class PreemptionWatch:

@@ -1,4 +1,4 @@
-"""`python -m data convert --format FMT`: the formats users hold → validated shards (one module per format)."""
+"""`ldot data convert --format FMT`: the formats users hold → validated shards (one module per format)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from data.errors import DataError
-from data.reader import POLICIES, ErrorPolicy
+from ldot.data.errors import DataError
+from ldot.data.reader import POLICIES, ErrorPolicy
 
 FORMATS = ("precomp", "karpathy", "multi30k", "flickr8k", "lmdb", "images")
 CAPTION_FORMATS = ("multi30k", "flickr8k", "karpathy")
@@ -63,7 +63,7 @@ def _need(args, *names):
 
 
 def read_captions(fmt: str, args, policy: ErrorPolicy):
-    from data.convert import captions
+    from ldot.data.convert import captions
 
     if fmt == "multi30k":
         if args.prefix:
@@ -80,7 +80,7 @@ def read_captions(fmt: str, args, policy: ErrorPolicy):
 
 
 def _backbone(args):
-    from data.features import make_backbone
+    from ldot.data.features import make_backbone
 
     try:
         return make_backbone(args.backbone, with_cls=args.with_cls, batch_size=args.batch_size, device=args.device)
@@ -89,7 +89,7 @@ def _backbone(args):
 
 
 def _lmdb(args):
-    from data.convert.lmdb import LmdbFeatures
+    from ldot.data.convert.lmdb import LmdbFeatures
 
     _need(args, "lmdb")
     return LmdbFeatures(args.lmdb, key_format=args.lmdb_key, conf_th=args.conf_th, min_bb=args.min_bb,
@@ -98,8 +98,8 @@ def _lmdb(args):
 
 def build(args, policy: ErrorPolicy):
     """(source, items, split, total) for the requested format."""
-    from data.convert import images, precomp
-    from data.convert.join import numbered
+    from ldot.data.convert import images, precomp
+    from ldot.data.convert.join import numbered
 
     fmt = args.format
     if fmt == "precomp":
@@ -135,7 +135,7 @@ def build(args, policy: ErrorPolicy):
 
 
 def run_convert(args) -> int:
-    from data.convert.join import convert
+    from ldot.data.convert.join import convert
 
     policy = ErrorPolicy(args.on_error)
     source, items, records = build(args, policy)

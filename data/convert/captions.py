@@ -10,8 +10,8 @@ import os
 import re
 from pathlib import Path
 
-from data.errors import DataError
-from data.reader import ErrorPolicy
+from ldot.data.errors import DataError
+from ldot.data.reader import ErrorPolicy
 
 
 @dataclasses.dataclass

@@ -12,11 +12,11 @@ from typing import Callable, Iterator
 
 from PIL import Image, UnidentifiedImageError
 
-from data.convert.captions import CaptionRecord, normalize_caption, read_lines
-from data.convert.join import Item
-from data.errors import DataError
-from data.features import GridBackbone, thumbnail_jpeg
-from data.reader import ErrorPolicy, read_shard
+from ldot.data.convert.captions import CaptionRecord, normalize_caption, read_lines
+from ldot.data.convert.join import Item
+from ldot.data.errors import DataError
+from ldot.data.features import GridBackbone, thumbnail_jpeg
+from ldot.data.reader import ErrorPolicy, read_shard
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 

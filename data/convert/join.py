@@ -10,12 +10,12 @@ from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 
-from data import schema
-from data.convert.captions import CaptionRecord
-from data.errors import DataError
-from data.progress import progress_bar
-from data.reader import ErrorPolicy
-from data.writer import DatasetWriter
+from ldot.data import schema
+from ldot.data.convert.captions import CaptionRecord
+from ldot.data.errors import DataError
+from ldot.data.progress import progress_bar
+from ldot.data.reader import ErrorPolicy
+from ldot.data.writer import DatasetWriter
 
 log = logging.getLogger("data")
 

@@ -14,9 +14,9 @@ from typing import Iterator
 
 import numpy as np
 
-from data.convert.join import Item
-from data.errors import DataError
-from data.reader import ErrorPolicy
+from ldot.data.convert.join import Item
+from ldot.data.errors import DataError
+from ldot.data.reader import ErrorPolicy
 
 FIELDS = ("features", "norm_bb", "conf", "soft_labels")
 

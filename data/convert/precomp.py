@@ -7,10 +7,10 @@ from typing import Iterator
 
 import numpy as np
 
-from data.convert.captions import CaptionRecord, normalize_caption, read_lines
-from data.convert.join import Item
-from data.errors import DataError
-from data.reader import ErrorPolicy
+from ldot.data.convert.captions import CaptionRecord, normalize_caption, read_lines
+from ldot.data.convert.join import Item
+from ldot.data.errors import DataError
+from ldot.data.reader import ErrorPolicy
 
 CAPTIONS_PER_IMAGE = 5
 

@@ -28,7 +28,7 @@ def small_dataset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
     """A tiny synth run (real renders, real EfficientNet features), shared by the synth and loader tests."""
-    from data.synth import synth
+    from ldot.data.synth import synth
 
     out = tmp_path_factory.mktemp("synth")
     synth(out, images=60, test_images=20, seed=3, shard_size=16, progress=False)

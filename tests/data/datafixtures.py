@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data import schema
-from data.writer import DatasetWriter
+from ldot.data import schema
+from ldot.data.writer import DatasetWriter
 
 REAL_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 

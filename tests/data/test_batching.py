@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from datafixtures import write_random_dataset
-from data.batching import budget_batches, pad
-from data.loader import TrainLoader
+from ldot.data.batching import budget_batches, pad
+from ldot.data.loader import TrainLoader
 
 
 def take(loader, n):

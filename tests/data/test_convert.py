@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 from datafixtures import real_data
-from data import DataError, schema
-from data.__main__ import build_parser
-from data.convert import run_convert
-from data.convert.captions import normalize_caption, read_flickr8k, read_multi30k, multi30k_files
-from data.convert.lmdb import decode_value, select_boxes
-from data.reader import ErrorPolicy, read_shard
-from data.validate import check_dataset
+from ldot.data import DataError, schema
+from ldot.data.__main__ import build_parser
+from ldot.data.convert import run_convert
+from ldot.data.convert.captions import normalize_caption, read_flickr8k, read_multi30k, multi30k_files
+from ldot.data.convert.lmdb import decode_value, select_boxes
+from ldot.data.reader import ErrorPolicy, read_shard
+from ldot.data.validate import check_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 # The real photos: 7 are in the Flickr30k train list, 6338542128.jpg in test_2016.
@@ -305,6 +305,6 @@ def test_lmdb_converter(tmp_path):
 
 
 def test_convert_command_line_error_is_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "data", "convert", "--format", "multi30k", "--out", str(tmp_path / "o")],
+    r = subprocess.run([sys.executable, "-m", "ldot.data", "convert", "--format", "multi30k", "--out", str(tmp_path / "o")],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip() == "error: --format multi30k needs --images-list and --caption-files"

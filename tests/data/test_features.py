@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from datafixtures import real_data
-from data.features import EfficientNetLite0Grid, thumbnail_jpeg
+from ldot.data.features import EfficientNetLite0Grid, thumbnail_jpeg
 
 CLIFF, FOOTBALL_HELMET = 972, 560  # ImageNet class indices
 

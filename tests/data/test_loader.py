@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from datafixtures import BAD_SAMPLES, good_members, truncate, write_raw_dataset
-from data import DataError, schema
-from data.loader import EpochPlan, TrainLoader, load_eval_split
+from ldot.data import DataError, schema
+from ldot.data.loader import EpochPlan, TrainLoader, load_eval_split
 
 KEYS = {"input_ids", "attention_mask", "img_feat", "img_pos", "img_mask", "group_ids", "image_id"}
 
@@ -111,7 +111,7 @@ def test_eval_split(synth_dir, tokenizer):
     assert tokenizer.decode(texts[1]["input_ids"][-1], skip_special_tokens=True) == ev.captions[-1].lower()
     # Same features as the shards hold, in the same order.
     path = schema.shard_paths(synth_dir / "test", schema.read_manifest(synth_dir / "test"))[0]
-    from data.reader import ErrorPolicy, read_shard
+    from ldot.data.reader import ErrorPolicy, read_shard
 
     first = schema.decode_sample(next(read_shard(path, ErrorPolicy())))
     assert torch.equal(batches[0]["img_feat"][0], torch.from_numpy(first["feat.npy"].astype(np.float32)))

@@ -2,7 +2,7 @@
 import io
 import re
 
-from data.progress import progress_bar
+from ldot.data.progress import progress_bar
 
 
 class Tty(io.StringIO):

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from data import DataError, schema
+from ldot.data import DataError, schema
 
 
 def good_sample(n=4, d=8):

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data import schema, synth
-from data.reader import ErrorPolicy, read_shard
-from data.validate import check_dataset
+from ldot.data import schema, synth
+from ldot.data.reader import ErrorPolicy, read_shard
+from ldot.data.validate import check_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -79,11 +79,11 @@ def test_deterministic_given_seed(tmp_path, synth_dir):
 
 def test_command_line(tmp_path):
     out = tmp_path / "cli"
-    r = subprocess.run([sys.executable, "-m", "data", "synth", "--out", str(out), "--images", "8", "--test-images", "4"],
+    r = subprocess.run([sys.executable, "-m", "ldot.data", "synth", "--out", str(out), "--images", "8", "--test-images", "4"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "8 train + 4 test images" in r.stdout
-    assert schema.read_manifest(out / "train").command.startswith("python -m data synth --out")
-    again = subprocess.run([sys.executable, "-m", "data", "synth", "--out", str(out), "--images", "8"], cwd=REPO,
+    assert schema.read_manifest(out / "train").command.startswith("ldot data synth --out")
+    again = subprocess.run([sys.executable, "-m", "ldot.data", "synth", "--out", str(out), "--images", "8"], cwd=REPO,
                            capture_output=True, text=True, timeout=300)
     assert again.returncode != 0 and "already holds a dataset" in again.stderr and "Traceback" not in again.stderr

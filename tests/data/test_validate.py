@@ -1,4 +1,4 @@
-"""data/validate.py and `python -m data inspect`: every problem found, named by shard, key and problem."""
+"""data/validate.py and `ldot data inspect`: every problem found, named by shard, key and problem."""
 
 import subprocess
 import sys
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from datafixtures import BAD_SAMPLES, good_members, truncate, write_raw_dataset
-from data.validate import check_dataset
+from ldot.data.validate import check_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -44,16 +44,16 @@ def test_truncated_tar_and_count_mismatches(tmp_path):
 
 
 def test_inspect_command_exit_codes(tmp_path, small_dataset):
-    ok = subprocess.run([sys.executable, "-m", "data", "inspect", str(small_dataset)], cwd=REPO, capture_output=True,
+    ok = subprocess.run([sys.executable, "-m", "ldot.data", "inspect", str(small_dataset)], cwd=REPO, capture_output=True,
                         text=True, timeout=120)
     assert ok.returncode == 0 and "shard-000004.tar" in ok.stdout and "47 samples read (47 valid)" in ok.stdout
     samples = [good_members(k) for k in range(3)]
     samples[1] = BAD_SAMPLES[2][1](samples[1])  # NaN
     bad = write_raw_dataset(tmp_path / "bad", [samples])
-    r = subprocess.run([sys.executable, "-m", "data", "inspect", str(bad)], cwd=REPO, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "ldot.data", "inspect", str(bad)], cwd=REPO, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 1
     assert "shard-000000.tar key 00000001: feat.npy holds NaN or inf" in r.stdout
-    missing = subprocess.run([sys.executable, "-m", "data", "inspect", str(tmp_path / "nope")], cwd=REPO,
+    missing = subprocess.run([sys.executable, "-m", "ldot.data", "inspect", str(tmp_path / "nope")], cwd=REPO,
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and "Traceback" not in missing.stderr

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from datafixtures import write_random_dataset
-from data import DataError, schema
-from data.writer import DatasetWriter
+from ldot.data import DataError, schema
+from ldot.data.writer import DatasetWriter
 
 
 def test_shards_and_manifest(tmp_path):

@@ -6,8 +6,9 @@ import pytest
 def _export(path, tiny_text_encoder, feature_dim, seed, projection):
     import torch
 
-    from train.config import LossConfig, ModelConfig
-    from train.model import build_dual_encoder, export_dual_encoder
+    from ldot.train.config import LossConfig, ModelConfig
+    from ldot.model import export_dual_encoder
+    from ldot.train.model_setup import build_dual_encoder
 
     torch.manual_seed(seed)
     tok, model = build_dual_encoder(ModelConfig(text_encoder=tiny_text_encoder, image_layers=1, dropout=0.0,
@@ -23,7 +24,7 @@ def test_split_dir(tiny_shards):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, tiny_text_encoder, test_split_dir):
-    from data.schema import read_manifest
+    from ldot.data.schema import read_manifest
 
     fd = read_manifest(test_split_dir).feature_dim
     return _export(tmp_path_factory.mktemp("ckpt") / "a", tiny_text_encoder, fd, seed=0, projection=False)
@@ -32,7 +33,7 @@ def tiny_checkpoint(tmp_path_factory, tiny_text_encoder, test_split_dir):
 @pytest.fixture(scope="session")
 def other_checkpoint(tmp_path_factory, tiny_text_encoder, test_split_dir):
     """A second, different dual encoder (another seed, with projection heads): the re-ranker."""
-    from data.schema import read_manifest
+    from ldot.data.schema import read_manifest
 
     fd = read_manifest(test_split_dir).feature_dim
     return _export(tmp_path_factory.mktemp("ckpt") / "b", tiny_text_encoder, fd, seed=1, projection=True)

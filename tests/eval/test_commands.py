@@ -5,14 +5,14 @@ import json
 import numpy as np
 import pytest
 
-from eval.__main__ import main
+from ldot.eval.__main__ import main
 
 
 @pytest.fixture(scope="module")
 def embeddings(tiny_checkpoint, tiny_shards):
-    from data.loader import load_eval_split
-    from eval.recall import encode_split
-    from train.model import load_dual_encoder
+    from ldot.data.loader import load_eval_split
+    from ldot.eval.recall import encode_split
+    from ldot.model import load_dual_encoder
 
     tok, model, _ = load_dual_encoder(tiny_checkpoint)
     out = {}
@@ -26,10 +26,10 @@ def test_recall_command_table_files_pictures_full_setting_and_rerank(tmp_path, t
                                                                      tiny_shards, embeddings, capsys):
     from PIL import Image
 
-    from eval.image_store import ImageStore
-    from eval.metrics import retrieval_recall
-    from eval.recall import topk_from_embeddings
-    from eval.rerank import DualEncoderReranker, rerank_topk
+    from ldot.eval.image_store import ImageStore
+    from ldot.eval.metrics import retrieval_recall
+    from ldot.eval.recall import topk_from_embeddings
+    from ldot.eval.rerank import DualEncoderReranker, rerank_topk
 
     out = tmp_path / "r" / "recall.json"
     assert main(["recall", "--checkpoint", str(tiny_checkpoint), "--data", str(tiny_shards / "test"),
@@ -69,7 +69,7 @@ def test_recall_command_records_in_the_training_run(tmp_path, tiny_checkpoint, t
 
     from mlflow.tracking import MlflowClient
 
-    from train.tracking import Tracker
+    from ldot.tracking import Tracker
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_checkpoint, ckpt)
@@ -95,7 +95,7 @@ def index_dir(tmp_path_factory, tiny_checkpoint, tiny_shards):
 
 
 def test_search_returns_the_brute_force_top_k(index_dir, tiny_checkpoint, embeddings, capsys):
-    from eval.recall import encode_queries
+    from ldot.eval.recall import encode_queries
 
     tok, model, enc = embeddings
     split, _, img = enc["test"]
@@ -116,9 +116,9 @@ def test_search_returns_the_brute_force_top_k(index_dir, tiny_checkpoint, embedd
 
 def test_search_with_reranker_orders_the_top_m_by_the_second_model(index_dir, tiny_checkpoint, other_checkpoint,
                                                                    embeddings, test_split_dir, capsys):
-    from data.loader import load_eval_split
-    from eval.recall import encode_queries, encode_split
-    from train.model import load_dual_encoder
+    from ldot.data.loader import load_eval_split
+    from ldot.eval.recall import encode_queries, encode_split
+    from ldot.model import load_dual_encoder
 
     tok, model, enc = embeddings
     split, _, img = enc["test"]
@@ -191,7 +191,7 @@ def test_mine_under_two_ranks_writes_what_one_process_writes(tmp_path, tiny_chec
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    common = ["-m", "eval", "mine", "--checkpoint", str(tiny_checkpoint), "--data", str(test_split_dir),
+    common = ["-m", "ldot.eval", "mine", "--checkpoint", str(tiny_checkpoint), "--data", str(test_split_dir),
               "--k", "4", "--batch-size", "16", "--out"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
     one = subprocess.run([sys.executable, *common, str(tmp_path / "one")], cwd=root, env=env,

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from eval.hard_negatives import mine, positive_ranks
-from eval.recall import topk_from_embeddings
+from ldot.eval.hard_negatives import mine, positive_ranks
+from ldot.eval.recall import topk_from_embeddings
 
 
 def _brute_force(text, image, cap_img, k):

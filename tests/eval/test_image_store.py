@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from eval.errors import EvalError
-from eval.image_store import ImageStore, feature_map_pictures
+from ldot.eval.errors import EvalError
+from ldot.eval.image_store import ImageStore, feature_map_pictures
 
 
 def test_rows_equal_the_split_and_thumbnails_decode(test_split_dir):
-    from data.loader import load_eval_split
+    from ldot.data.loader import load_eval_split
 
     split = load_eval_split(test_split_dir)
     store = ImageStore(test_split_dir, split.keys)
@@ -25,7 +25,7 @@ def test_rows_equal_the_split_and_thumbnails_decode(test_split_dir):
 
 
 def test_feature_map_pictures_paint_regions_by_their_features():
-    from data.schema import grid_boxes
+    from ldot.data.schema import grid_boxes
 
     rng = np.random.default_rng(0)
     box = grid_boxes(2, 2)

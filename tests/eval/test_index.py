@@ -6,8 +6,8 @@ import shutil
 import numpy as np
 import pytest
 
-from eval.errors import EvalError
-from eval.index import (build_exact_index, build_index, checkpoint_fingerprint, dense_scores, load_index,
+from ldot.eval.errors import EvalError
+from ldot.eval.index import (build_exact_index, build_index, checkpoint_fingerprint, dense_scores, load_index,
                         overlap_at_k, save_index, search)
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval.metrics import chance_recall, retrieval_recall
+from ldot.eval.metrics import chance_recall, retrieval_recall
 
 
 def brute_force(scores: np.ndarray, caption_image: np.ndarray, ks):
@@ -95,7 +95,7 @@ def _embeddings(seed, n_img, caps_per_image, d=8, quantize=False):
 
 def _topk_by_argsort(txt, img, cap_img, depth_ir, depth_tr, qc=None, qi=None):
     """TopK built without FAISS (numpy argsort), so the metric's top-k logic is checked on its own."""
-    from eval.metrics import TopK
+    from ldot.eval.metrics import TopK
 
     s = txt @ img.T
     qc = np.arange(len(txt)) if qc is None else qc
@@ -110,7 +110,7 @@ def _topk_by_argsort(txt, img, cap_img, depth_ir, depth_tr, qc=None, qi=None):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_topk_path_equals_dense_path(seed, quantize):
     """Variable captions per image (0..5), ties (quantized) or not: both paths give the same recall."""
-    from eval.recall import topk_from_embeddings
+    from ldot.eval.recall import topk_from_embeddings
 
     rng = np.random.default_rng(100 + seed)
     caps = rng.integers(0, 6, size=30)
@@ -130,7 +130,7 @@ def test_topk_path_equals_dense_path(seed, quantize):
 
 def test_ties_in_topk_count_against_ground_truth():
     """Ground truth tied with the K-th candidate and with candidates beyond the rows: still a miss at K."""
-    from eval.metrics import TopK
+    from ldot.eval.metrics import TopK
 
     # one caption query; 4 images all scoring 1.0, its own image (2) listed last of a 2-deep row
     cap_img = np.array([2, 0, 1, 3])
@@ -141,7 +141,7 @@ def test_ties_in_topk_count_against_ground_truth():
 
 
 def test_topk_rows_too_shallow_raise():
-    from eval.recall import topk_from_embeddings
+    from ldot.eval.recall import topk_from_embeddings
 
     txt, img, cap_img = _embeddings(0, 30, [5] * 30)
     top = topk_from_embeddings(txt, img, cap_img, 5)
@@ -151,7 +151,7 @@ def test_topk_rows_too_shallow_raise():
 
 def test_query_subset_with_distractors_matches_brute_force():
     """The paper's full setting: test queries ranked against a pool that also holds other images/captions."""
-    from eval.recall import topk_from_embeddings
+    from ldot.eval.recall import topk_from_embeddings
 
     txt, img, cap_img = _embeddings(3, 60, [3] * 20 + [5] * 40)
     qi = np.arange(20)                               # the "test" images ...
@@ -175,7 +175,7 @@ def test_query_subset_with_distractors_matches_brute_force():
 
 
 def test_recall_curve_agrees_with_table():
-    from eval.metrics import recall_curve
+    from ldot.eval.metrics import recall_curve
 
     txt, img, cap_img = _embeddings(4, 40, [5] * 40)
     curve = recall_curve(txt @ img.T, cap_img, 20)

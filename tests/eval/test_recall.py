@@ -3,15 +3,15 @@ pool split across ranks (sliced encoding, sharded search merged) equals the sing
 import numpy as np
 import pytest
 
-from eval.metrics import retrieval_recall
-from eval.recall import (_image_batches_range, _merge_topk, encode_images, encode_queries, encode_split,
+from ldot.eval.metrics import retrieval_recall
+from ldot.eval.recall import (_image_batches_range, _merge_topk, encode_images, encode_queries, encode_split,
                          evaluate_split, recall_from_embeddings, topk_from_embeddings)
 
 
 @pytest.fixture(scope="module")
 def encoded(tiny_checkpoint, test_split_dir):
-    from data.loader import load_eval_split
-    from train.model import load_dual_encoder
+    from ldot.data.loader import load_eval_split
+    from ldot.model import load_dual_encoder
 
     tok, model, _ = load_dual_encoder(tiny_checkpoint)
     split = load_eval_split(test_split_dir)
@@ -43,7 +43,7 @@ def test_merged_shard_searches_equal_one_search():
     rng = np.random.default_rng(0)
     pool = rng.normal(size=(50, 8)).astype(np.float32)
     q = rng.normal(size=(9, 8)).astype(np.float32)
-    from eval.index import build_exact_index, search
+    from ldot.eval.index import build_exact_index, search
 
     want_s, want_i = search(build_exact_index(pool), q, 7)
     parts = []

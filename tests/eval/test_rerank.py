@@ -3,9 +3,9 @@ against re-ranking done by hand (argsort on each model's own score matrix)."""
 import numpy as np
 import pytest
 
-from eval.metrics import retrieval_recall
-from eval.rerank import DualEncoderReranker, Reranker, rerank_row, rerank_topk
-from eval.recall import encode_split, topk_from_embeddings
+from ldot.eval.metrics import retrieval_recall
+from ldot.eval.rerank import DualEncoderReranker, Reranker, rerank_row, rerank_topk
+from ldot.eval.recall import encode_split, topk_from_embeddings
 
 
 def test_rerank_row_reorders_head_and_keeps_tail_below():
@@ -64,9 +64,9 @@ def _by_hand(first: np.ndarray, second: np.ndarray, gt_sets: list[set], m: int, 
 
 
 def test_second_dual_encoder_reranks_like_by_hand(tiny_checkpoint, other_checkpoint, test_split_dir):
-    from data.loader import load_eval_split
-    from eval.image_store import ImageStore
-    from train.model import load_dual_encoder
+    from ldot.data.loader import load_eval_split
+    from ldot.eval.image_store import ImageStore
+    from ldot.model import load_dual_encoder
 
     split = load_eval_split(test_split_dir)
     cap_img = split.caption_image

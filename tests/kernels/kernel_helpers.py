@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import contrastive_loss_reference
+from ldot.kernels import contrastive_loss_reference
 
 
 def features(n: int, d: int, *, dtype=torch.float32, seed: int = 0, device="cpu"):

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-import kernels
-from kernels import ContrastiveLoss, KernelError, contrastive_loss, contrastive_loss_reference
-from kernels import contrastive_chunked
+from ldot import kernels
+from ldot.kernels import ContrastiveLoss, KernelError, contrastive_loss, contrastive_loss_reference
+from ldot.kernels import contrastive_chunked
 from kernel_helpers import fast_with_grads, features, groups, reference_with_grads, rel_err
 
 SHAPES = [(1, 5), (7, 16), (33, 40)]

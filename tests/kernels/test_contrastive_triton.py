@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import contrastive_loss
-from kernels.contrastive import one_way_loss_sum
+from ldot.kernels import contrastive_loss
+from ldot.kernels.contrastive import one_way_loss_sum
 from kernel_helpers import fast_with_grads, features, groups, reference_with_grads, rel_err
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
@@ -55,7 +55,7 @@ def triton_module():
     """The kernels module, after checking that its kernels can run here at all."""
     if not IN_PROCESS:
         pytest.skip("runs in a TRITON_INTERPRET=1 subprocess (test_interpreter_in_subprocess)")
-    module = importlib.import_module("kernels.contrastive_triton")
+    module = importlib.import_module("ldot.kernels.contrastive_triton")
     try:
         t, i = features(3, 5, device=DEVICE)
         module.row_lse(t, i)
@@ -138,7 +138,7 @@ def test_triton_one_way_with_offset_matches_chunked(triton_module):
 
 
 def test_triton_rejects_cpu_tensors_when_not_interpreting(monkeypatch):
-    from kernels import KernelError
+    from ldot.kernels import KernelError
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     t, i = features(3, 5)

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from kernels import contrastive_loss, global_contrastive_loss
+from ldot.kernels import contrastive_loss, global_contrastive_loss
 from kernel_helpers import features, rel_err
 
 

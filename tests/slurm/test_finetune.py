@@ -57,7 +57,7 @@ def test_finetune_two_tasks_records_job_and_recall(slurm_cluster, tmp_path, tiny
     summary = json.loads((mined / "mine.json").read_text())
     assert summary["k"] == 2 and len((mined / "txt2img.jsonl").read_text().splitlines()) == summary["num_captions"]
     assert "launch: rank 1/2" in (tmp_path / "logs" / f"ldot-eval-{job3}" / "eval.1.log").read_text()
-    from eval.__main__ import main as eval_main
+    from ldot.eval.__main__ import main as eval_main
 
     assert eval_main(["mine", "--checkpoint", str(run_dir / "checkpoints" / "final"), "--data",
                       str(tiny_shards / "test"), "--k", "2", "--out", str(tmp_path / "one")]) == 0

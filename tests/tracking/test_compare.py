@@ -1,4 +1,4 @@
-"""`python -m eval compare`: two runs side by side (the params that differ, best AR, R@1 both ways,
+"""`ldot eval compare`: two runs side by side (the params that differ, best AR, R@1 both ways,
 samples/s) and a PNG of their curves, read from a sqlite store through the MLflow client."""
 import math
 
@@ -6,7 +6,7 @@ import pytest
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from eval.__main__ import main
+from ldot.eval.__main__ import main
 
 
 def _run(client, exp, name, lr, speed, best_ar):
@@ -64,7 +64,7 @@ def test_compare_names_a_missing_run_in_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("n", [5, 500])
 def test_smoothing_keeps_the_steps(n):
-    from eval.compare import _smooth
+    from ldot.eval.compare import _smooth
 
     pts = [(s, float(s % 7)) for s in range(n)]
     out = _smooth(pts)

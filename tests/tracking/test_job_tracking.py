@@ -1,9 +1,9 @@
-"""Real 2-rank `python -m train` jobs against a real `mlflow server` on 127.0.0.1:
+"""Real 2-rank `ldot train` jobs against a real `mlflow server` on 127.0.0.1:
 - one job is exactly one run (nested under its Slurm array's parent) with the params, per-step
   metrics, system metrics of both ranks, artifacts and checkpoint reference; eval recall adds test/*;
 - the server is killed in the middle of a job: the job completes, and once the server is back
-  `python -m eval sync` leaves every step recorded exactly once;
-- `python -m eval compare` on the two runs prints the params that differ and writes the plot."""
+  `ldot eval sync` leaves every step recorded exactly once;
+- `ldot eval compare` on the two runs prints the params that differ and writes the plot."""
 import hashlib
 import io
 import json
@@ -35,7 +35,7 @@ def _env(uri, **extra):
 
 
 def _train(out, data, text_encoder, steps, *extra):
-    return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "train",
+    return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "ldot.train",
             "--config", "train/configs/demo.yaml", f"output_dir={out}", f"data.train={data}",
             f"model.text_encoder={text_encoder}", "model.image_layers=1", "data.batch_size=4",
             f"optim.max_steps={steps}", "tracking.experiment=job-tracking", "tracking.system_metrics_every_s=0.5",
@@ -85,7 +85,7 @@ def jobs(mlflow_server, tmp_path_factory, tiny_shards, tiny_text_encoder):
                                  "checkpoint.every_steps=4"),
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    recall = subprocess.run([sys.executable, "-m", "eval", "recall", "--checkpoint", str(rec / "checkpoints" / "final"),
+    recall = subprocess.run([sys.executable, "-m", "ldot.eval", "recall", "--checkpoint", str(rec / "checkpoints" / "final"),
                              "--data", str(tiny_shards / "test"), "--batch-size", "32"],
                             cwd=ROOT, env=_env(mlflow_server.uri), capture_output=True, text=True, timeout=600)
     assert recall.returncode == 0, recall.stderr[-4000:]
@@ -105,7 +105,7 @@ def jobs(mlflow_server, tmp_path_factory, tiny_shards, tiny_text_encoder):
     assert job.returncode == 0, stderr[-4000:]
     # the server came back after the job: sync sends what is left
     mlflow_server.start()
-    sync = subprocess.run([sys.executable, "-m", "eval", "sync", str(out)], cwd=ROOT, env=_env(mlflow_server.uri),
+    sync = subprocess.run([sys.executable, "-m", "ldot.eval", "sync", str(out)], cwd=ROOT, env=_env(mlflow_server.uri),
                           capture_output=True, text=True, timeout=300)
     return {"records": rec, "outage": out, "uri": mlflow_server.uri, "recall": recall.stdout,
             "outage_log": stderr + stdout, "sync": sync, "root": root, "data": data}
@@ -170,14 +170,14 @@ def test_a_job_survives_the_server_dying_and_sync_sends_the_rest(jobs):
     same_dir = client.search_runs([exp.experiment_id], f"tags.`ldot.output_dir` = '{jobs['outage'].resolve()}'")
     assert len(same_dir) == 1
     # sync again: nothing left, nothing doubled
-    again = subprocess.run([sys.executable, "-m", "eval", "sync", str(jobs["outage"])], cwd=ROOT,
+    again = subprocess.run([sys.executable, "-m", "ldot.eval", "sync", str(jobs["outage"])], cwd=ROOT,
                            env=_env(jobs["uri"]), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "nothing to send" in again.stdout
     assert _steps(client, run.info.run_id, "loss/cmr") == {s: 1 for s in range(1, STEPS_OUTAGE + 1)}
 
 
 def test_compare_the_two_jobs(jobs, capsys):
-    from eval.__main__ import main
+    from ldot.eval.__main__ import main
 
     ids = [json.loads((jobs[k] / "mlflow_run.json").read_text())["run_id"] for k in ("records", "outage")]
     png = jobs["root"] / "compare.png"

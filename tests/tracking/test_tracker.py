@@ -8,8 +8,8 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from train.tracking import RUN_FILE, Tracker
-from train.tracking_outbox import Delivery, Journal, ensure_sweep_parent, sync
+from ldot.tracking import RUN_FILE, Tracker
+from ldot.tracking.outbox import Delivery, Journal, ensure_sweep_parent, sync
 
 
 def _steps(client, run_id, key):
@@ -109,7 +109,7 @@ def test_sweep_members_starting_at_once_share_one_parent(live_server):
 
 
 def test_sweep_members_are_nested_and_the_parent_ends_with_them(live_server, tmp_path, monkeypatch):
-    monkeypatch.setattr("train.tracking_outbox.SWEEP_SETTLE_S", 1.0)  # one process: no race to wait out
+    monkeypatch.setattr("ldot.tracking.outbox.SWEEP_SETTLE_S", 1.0)  # one process: no race to wait out
     members = []
     for i in range(2):
         t = Tracker(live_server.uri, "sweep-nest", outbox=tmp_path, writer=f"m{i}")
@@ -146,7 +146,7 @@ def test_sync_sends_what_a_finished_process_left(mlflow_server, tmp_path, capsys
 
 @pytest.mark.parametrize("value", ["a'b"])
 def test_quotes_cannot_name_a_sweep(value):
-    from train.tracking import sweep_of
+    from ldot.tracking import sweep_of
 
     class Cfg:
         sweep, parent_run_id = value, None

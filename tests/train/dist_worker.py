@@ -11,13 +11,13 @@ import sys
 
 import torch
 
-from train.checkpoint import CheckpointManager
-from train.config import EngineConfig, LossConfig, ModelConfig, OptimConfig
-from train.distributed import init_distributed
-from train.engine import build_engine
-from train.loop import export_from_engine, train_step
-from train.model import build_dual_encoder
-from train.objectives import Objectives
+from ldot.train.checkpoint import CheckpointManager
+from ldot.train.config import EngineConfig, LossConfig, ModelConfig, OptimConfig
+from ldot.distributed import init_distributed
+from ldot.train.engine import build_engine
+from ldot.train.loop import export_from_engine, train_step
+from ldot.train.model_setup import build_dual_encoder
+from ldot.train.objectives import Objectives
 
 GLOBAL, D, N, SEED = 16, 12, 4, 0
 

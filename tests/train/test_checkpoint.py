@@ -1,8 +1,8 @@
 """Checkpoint discovery and pruning: incomplete saves are never resumed from and are cleaned up."""
 import pytest
 
-from train.checkpoint import COMPLETE, CheckpointManager, tag_for
-from train.errors import ConfigError
+from ldot.train.checkpoint import COMPLETE, CheckpointManager, tag_for
+from ldot.train.errors import ConfigError
 
 
 def _make(root, step, complete=True):

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from train.config import flatten, load_config, to_dict
-from train.errors import ConfigError
+from ldot.train.config import flatten, load_config, to_dict
+from ldot.train.errors import ConfigError
 
 DEMO = Path(__file__).resolve().parents[2] / "train" / "configs" / "demo.yaml"
 

@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from train.config import EngineConfig, OptimConfig
-from train.engine import deepspeed_config, param_groups
-from train.errors import ConfigError
+from ldot.train.config import EngineConfig, OptimConfig
+from ldot.train.engine import deepspeed_config, param_groups
+from ldot.train.errors import ConfigError
 
 
 def test_config_filled_from_typed_sections():

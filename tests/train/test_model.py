@@ -1,8 +1,9 @@
 """The dual encoder: shapes, padding masks, init from text layers, export round trip."""
 import torch
 
-from train.config import LossConfig, ModelConfig
-from train.model import build_dual_encoder, export_dual_encoder, load_dual_encoder
+from ldot.train.config import LossConfig, ModelConfig
+from ldot.model import export_dual_encoder, load_dual_encoder
+from ldot.train.model_setup import build_dual_encoder
 
 
 def _inputs(tok, feature_dim=24):
@@ -63,7 +64,7 @@ def test_init_from_an_export_starts_from_its_weights(tmp_path, tiny_text_encoder
     assert torch.equal(again.text_proj.net[0].weight, model.text_proj.net[0].weight)
     assert again.pretrain_heads is not None and again.contrastive.scale_mode == "learnable"
     import pytest
-    from train.errors import ConfigError
+    from ldot.train.errors import ConfigError
     with pytest.raises(ConfigError, match="24-d features"):
         build_dual_encoder(ModelConfig(init_from=str(tmp_path / "pre")), LossConfig(), feature_dim=99)
 
@@ -79,7 +80,7 @@ def test_text_encoder_from_config_only_has_fresh_weights(tiny_text_encoder):
 
 def test_grad_checkpointing_recomputes_layers_and_keeps_the_gradients(tiny_text_encoder):
     """With dropout on: the recompute replays the same masks, so loss and every gradient are unchanged."""
-    import kernels
+    from ldot import kernels
 
     grads, calls = {}, {}
     for ckpt in (False, True):

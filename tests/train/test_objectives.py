@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from train.config import LossConfig, ModelConfig
-from train.model import build_dual_encoder
-from train.objectives import IGNORE, Objectives, TaskSampler, mask_generator, mask_regions, mask_words
+from ldot.train.config import LossConfig, ModelConfig
+from ldot.train.model_setup import build_dual_encoder
+from ldot.train.objectives import IGNORE, Objectives, TaskSampler, mask_generator, mask_regions, mask_words
 
 
 def test_word_masking_is_bert_style():

@@ -1,4 +1,4 @@
-"""Pretraining end to end on CPU: `python -m train task=pretrain` in bf16 with ZeRO-2 CPU optimizer offload
+"""Pretraining end to end on CPU: `ldot train task=pretrain` in bf16 with ZeRO-2 CPU optimizer offload
 and 2-step gradient accumulation under 2 ranks, on real synth
 shards that carry class distributions, so every task (CMR, VMLM, MRFR, MRC-kl) runs through DeepSpeed."""
 import json
@@ -15,14 +15,14 @@ pytestmark = pytest.mark.slow
 
 def test_bf16_pretraining_runs_every_task(tmp_path, tiny_text_encoder):
     data = tmp_path / "data"
-    proc = subprocess.run([sys.executable, "-m", "data", "synth", "--out", str(data), "--images", "16",
+    proc = subprocess.run([sys.executable, "-m", "ldot.data", "synth", "--out", str(data), "--images", "16",
                            "--test-images", "4", "--with-cls"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
-                           "-m", "train", "--config", "train/configs/demo.yaml", f"output_dir={out}",
+                           "-m", "ldot.train", "--config", "train/configs/demo.yaml", f"output_dir={out}",
                            f"data.train={data / 'train'}", f"model.text_encoder={tiny_text_encoder}",
                            "model.image_layers=1", "data.batch_size=4", "optim.max_steps=12", "engine.precision=bf16",
                            "optim.grad_accum=2", "engine.deepspeed_config=deepspeed_configs/zero2-offload.json", "task=pretrain", "pretrain.cmr=1", "pretrain.vmlm=1", "pretrain.mrfr=1", "pretrain.mrckl=1"],

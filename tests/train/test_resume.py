@@ -1,4 +1,4 @@
-"""Kill -9 in the middle of a real `python -m train` run, then `--resume auto`: the loss trace after
+"""Kill -9 in the middle of a real `ldot train` run, then `--resume auto`: the loss trace after
 the restart is the uninterrupted run's, and no step is recorded twice (CPU, deterministic settings)."""
 import json
 import os
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 
 def _cmd(out, data, text_encoder, *extra):
-    return [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "train",
+    return [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "ldot.train",
             "--config", "train/configs/demo.yaml", f"output_dir={out}", f"data.train={data}",
             f"model.text_encoder={text_encoder}", "model.image_layers=1", "data.batch_size=4",
             f"optim.max_steps={STEPS}", "checkpoint.every_steps=2", "checkpoint.keep_last=2",

@@ -53,7 +53,7 @@ def test_zero_stages_save_reload_and_continue_exactly(tmp_path, tiny_text_encode
         # the export of every stage holds the full (gathered) weights
         export = tmp_path / "ckpt" / f"export{stage}"
         assert (export / "ldot.json").is_file()
-    from train.model import load_dual_encoder
+    from ldot.model import load_dual_encoder
 
     _, m3, _ = load_dual_encoder(tmp_path / "ckpt" / "export3")
     torch.testing.assert_close(m3.image.encoder.layer[0].output.dense.weight,

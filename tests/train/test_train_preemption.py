@@ -16,10 +16,10 @@ pytestmark = pytest.mark.slow
 
 
 def test_sigusr1_checkpoints_exits_75_and_resumes(tmp_path, tiny_shards, tiny_text_encoder):
-    from train.preemption import EXIT_REQUEUE
+    from ldot.errors import EXIT_REQUEUE
 
     out = tmp_path / "run"
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "train",
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "ldot.train",
            "--config", "train/configs/demo.yaml", f"output_dir={out}", f"data.train={tiny_shards / 'train'}",
            f"model.text_encoder={tiny_text_encoder}", "model.image_layers=1", "data.batch_size=4",
            "optim.max_steps=150", "checkpoint.every_steps=50", "tracking.experiment=preempt-test"]

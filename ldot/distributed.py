@@ -52,7 +52,7 @@ def init_distributed() -> DistInfo:
     import deepspeed
 
     _env_from_slurm()
-    if "RANK" not in os.environ:  # a plain `python -m train`: a world of one
+    if "RANK" not in os.environ:  # a plain `ldot train`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

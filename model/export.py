@@ -1,0 +1,51 @@
+"""Exported dual encoders: Hugging Face-style directories that eval and serving load without the
+training code or its config (text_encoder/, image_encoder/, heads.pt, ldot.json)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer, BertModel
+
+from ldot.kernels import ContrastiveLoss
+from ldot.model.dual_encoder import DualEncoder, ImageEncoder
+from ldot.model.errors import ModelError
+
+EXPORT_META = "ldot.json"
+_HEADS = ("text_proj.", "image_proj.", "contrastive.")
+
+
+def export_dual_encoder(model: DualEncoder, tokenizer, out_dir: str | Path, meta: dict) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.text.save_pretrained(out / "text_encoder")
+    tokenizer.save_pretrained(out / "text_encoder")
+    model.image.save_pretrained(out / "image_encoder")
+    heads = {k: v for k, v in model.state_dict().items() if k.startswith(_HEADS)}
+    torch.save(heads, out / "heads.pt")
+    info = {"format": "ldot-dual-encoder", "version": 1, "normalize": model.normalize,
+            "projection": not isinstance(model.text_proj, nn.Identity),
+            "scale_mode": model.contrastive.scale_mode, "embed_dim": model.embed_dim, **meta}
+    (out / EXPORT_META).write_text(json.dumps(info, indent=2))
+    return out
+
+
+def load_dual_encoder(path: str | Path, device: str | torch.device = "cpu"):
+    """Load an exported dual encoder: returns (tokenizer, model in eval mode, meta dict)."""
+    path = Path(path)
+    meta_file = path / EXPORT_META
+    if not meta_file.is_file():
+        raise ModelError(f"{path} is not an exported ldot checkpoint (no {EXPORT_META})")
+    meta = json.loads(meta_file.read_text())
+    tokenizer = AutoTokenizer.from_pretrained(path / "text_encoder")
+    text = BertModel.from_pretrained(path / "text_encoder", add_pooling_layer=False)
+    image = ImageEncoder.from_pretrained(path / "image_encoder")
+    model = DualEncoder(text, image, projection=meta["projection"], normalize=meta["normalize"],
+                        contrastive=ContrastiveLoss(meta["scale_mode"], init_scale=1.0))
+    missing, unexpected = model.load_state_dict(torch.load(path / "heads.pt", map_location="cpu"), strict=False)
+    bad = [k for k in missing if k.startswith(_HEADS)] + unexpected
+    if bad:
+        raise ModelError(f"{path}/heads.pt does not match {EXPORT_META}: {bad[:4]}")
+    return tokenizer, model.to(device).eval(), meta

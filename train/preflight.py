@@ -1,0 +1,68 @@
+"""Checks every path a training job will need before anything heavy is imported or built.
+
+A job that would fail after minutes of start-up (or, for the output directory, at its first
+checkpoint) fails here in a fraction of a second with one line naming the key and the path. Imports
+only the standard library: `ldot train` and slurm's batch-node check both call it before torch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from ldot.train.config import TrainConfig
+from ldot.train.errors import ConfigError
+
+MANIFEST = "manifest.json"  # ldot.data.schema.MANIFEST, not imported: that module pulls in webdataset
+EXPORT_META = "ldot.json"   # ldot.model.EXPORT_META, likewise (transformers)
+
+
+def check_dataset(key: str, path: str | None) -> None:
+    if not path:
+        return
+    p = Path(path)
+    if not p.is_dir():
+        raise ConfigError(f"{key}: no dataset directory at {p}")
+    manifest = p / MANIFEST
+    if not manifest.is_file():
+        raise ConfigError(f"{key}: {p} is not a dataset directory (no {MANIFEST}; make one with `ldot data`)")
+    try:
+        json.loads(manifest.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{key}: {manifest} is not readable JSON: {exc}") from None
+
+
+def check_export(key: str, path: str | None) -> None:
+    if path and not (Path(path) / EXPORT_META).is_file():
+        raise ConfigError(f"{key}: {path} is not an exported ldot checkpoint (no {EXPORT_META})")
+
+
+def check_writable_dir(key: str, path: str | os.PathLike) -> Path:
+    """Creates `path` if needed and proves a file can be written there; returns it resolved."""
+    p = Path(path).expanduser()
+    for parent in [p, *p.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{key}: {p} cannot be created: {parent} is a file")
+            break
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=p, prefix=".ldot-write-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{key}: {p} is not writable ({exc.strerror or exc})") from None
+    return p.resolve()
+
+
+def check_paths(cfg: TrainConfig) -> None:
+    """Every input path of the job exists and is what it should be; the output directory is writable."""
+    check_dataset("data.train", cfg.data.train)
+    check_dataset("data.val", cfg.data.val)
+    check_export("model.init_from", cfg.model.init_from)
+    if cfg.model.text_encoder != "minilm" and not (Path(cfg.model.text_encoder) / "config.json").is_file():
+        raise ConfigError(f"model.text_encoder: {cfg.model.text_encoder} is not a Hugging Face model directory "
+                          "(no config.json)")
+    if not Path(cfg.engine.deepspeed_config).is_file():
+        raise ConfigError(f"engine.deepspeed_config: {cfg.engine.deepspeed_config} not found")
+    check_writable_dir("output_dir", cfg.output_dir)
