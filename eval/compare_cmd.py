@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
 
 def tracking_uri(given: str | None) -> str:
     """--tracking-uri as given; a directory means its mlflow.db (or the run its mlflow_run.json names)."""
-    from ldot.train.errors import ConfigError
+    from ldot.eval.errors import EvalError
 
     if given and Path(given).is_dir():
         d = Path(given)
@@ -29,12 +29,12 @@ def tracking_uri(given: str | None) -> str:
             return f"sqlite:///{(d / 'mlflow.db').resolve()}"
         if (d / "mlflow_run.json").is_file():
             return json.loads((d / "mlflow_run.json").read_text())["tracking_uri"]
-        raise ConfigError(f"{d} holds neither mlflow.db nor mlflow_run.json")
+        raise EvalError(f"{d} holds neither mlflow.db nor mlflow_run.json")
     if given:
         return given
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    raise ConfigError("no tracking store: pass --tracking-uri (a server URL, sqlite:///PATH, or an output "
+    raise EvalError("no tracking store: pass --tracking-uri (a server URL, sqlite:///PATH, or an output "
                       "directory such as out/demo/run) or set MLFLOW_TRACKING_URI")
 
 
@@ -42,7 +42,7 @@ def run(args) -> int:
     from mlflow.tracking import MlflowClient
 
     from ldot.eval.compare import find_runs, format_comparison, plot_comparison, summarize
-    from ldot.train.errors import ConfigError
+    from ldot.eval.errors import EvalError
     from ldot.tracking.outbox import limit_mlflow_retries
 
     limit_mlflow_retries()
@@ -51,7 +51,7 @@ def run(args) -> int:
     try:
         runs = find_runs(client, args.experiment, args.runs, args.sweep, args.max_runs)
     except LookupError as exc:
-        raise ConfigError(f"{exc.args[0]} ({uri})") from None
+        raise EvalError(f"{exc.args[0]} ({uri})") from None
     summaries = [summarize(client, r) for r in runs]
     print(f"\n{len(summaries)} runs from {uri} (recall in percent; TR = image->text, IR = text->image)\n")
     print(format_comparison(summaries))
