@@ -1,4 +1,5 @@
-"""Process-group setup: rank, world size and device from torchrun, srun or a plain single process."""
+"""Process-group setup: rank, world size and device from torchrun, srun or a plain single process; and
+host-side agreement between ranks (a preemption flag, batch sizes) that never waits on a device."""
 from __future__ import annotations
 
 import os
@@ -15,10 +16,31 @@ class DistInfo:
     local_rank: int
     device: torch.device
     backend: str
+    # gloo over all ranks for host-side values (None: the default group, itself gloo on CPU). A small
+    # collective on CPU tensors lets ranks agree without reading anything back from a GPU, so the
+    # host can stay ahead of the device's queue.
+    control_group: object = None
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if `flag` is true on any rank (a host-side collective; all ranks call it)."""
+        if self.world_size == 1:
+            return flag
+        value = torch.tensor([int(flag)], dtype=torch.int64)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX, group=self.control_group)
+        return bool(value[0])
+
+    def all_gather_int(self, n: int) -> list[int]:
+        """Every rank's `n`, in rank order (a host-side collective; all ranks call it)."""
+        if self.world_size == 1:
+            return [n]
+        mine = torch.tensor([n], dtype=torch.int64)
+        parts = [torch.empty_like(mine) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, mine, group=self.control_group)
+        return [int(p[0]) for p in parts]
 
 
 def _free_port() -> int:
@@ -63,5 +85,7 @@ def init_distributed() -> DistInfo:
         device, backend = torch.device("cpu"), "gloo"
         _skip_cpu_shm_op()
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
-    return DistInfo(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
-                    local_rank=local_rank, device=device, backend=backend)
+    world = torch.distributed.get_world_size()
+    control = torch.distributed.new_group(backend="gloo") if backend != "gloo" and world > 1 else None
+    return DistInfo(rank=torch.distributed.get_rank(), world_size=world, local_rank=local_rank, device=device,
+                    backend=backend, control_group=control)
