@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import logging
 import math
-import os
 from typing import Literal
 
 import torch
@@ -27,8 +26,10 @@ Impl = Literal["auto", "triton", "chunked", "reference"]
 _IMPLS = ("auto", "triton", "chunked", "reference")
 
 
-def _triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+def _triton():
+    # Relative to this package: "kernels.contrastive_triton" fails outside the repository root and,
+    # inside it, is a second copy of the module that patches of ldot.kernels.contrastive_triton miss.
+    return importlib.import_module(".contrastive_triton", __package__)
 
 
 def _backend(impl: str, device: torch.device):
@@ -37,16 +38,17 @@ def _backend(impl: str, device: torch.device):
         if device.type != "cuda":
             return contrastive_chunked
         try:
-            return importlib.import_module("kernels.contrastive_triton")
+            return _triton()
         except ImportError as exc:  # torch without triton: stay correct, say why once
             log.warning("triton unavailable (%s); contrastive loss uses the chunked torch path", exc)
             return contrastive_chunked
     if impl == "chunked":
         return contrastive_chunked
     if impl == "triton":
-        if device.type != "cuda" and not _triton_interpreting():
+        module = _triton()
+        if device.type != "cuda" and not module.interpreting():
             raise KernelError(f"impl='triton' needs CUDA tensors (got {device}); set TRITON_INTERPRET=1 to emulate")
-        return importlib.import_module("kernels.contrastive_triton")
+        return module
     raise KernelError(f"impl must be one of {_IMPLS}, got {impl!r}")
 
 

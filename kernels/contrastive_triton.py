@@ -39,7 +39,8 @@ SINGLE_K_MAX = 256
 D_CHUNK = 256
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1) instead of compiling them."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -49,7 +50,7 @@ def _configs(shapes, **extra):
 
 
 def _fwd_configs():
-    if _interpreting():  # small tiles so that tiny test shapes still cross tile edges
+    if interpreting():  # small tiles so that tiny test shapes still cross tile edges
         return _configs([(16, 16, 16, 4, 1)])
     major = torch.cuda.get_device_capability()[0] if torch.cuda.is_available() else 8
     if major >= 9:  # Hopper: 227 KB shared memory; wgmma works on 64-row slabs per warpgroup
@@ -63,7 +64,7 @@ def _fwd_configs():
 def _bwd_configs():
     # ALL_CHUNKS (d > SINGLE_K_MAX only): one program accumulates every column chunk of its rows,
     # so each tile of S is computed once; it needs many warps to hold the accumulators.
-    if _interpreting():
+    if interpreting():
         return _configs([(16, 16, 16, 4, 1)], ALL_CHUNKS=False)
     major = torch.cuda.get_device_capability()[0] if torch.cuda.is_available() else 8
     if major >= 9:
@@ -329,7 +330,7 @@ def _precision(x: torch.Tensor) -> str:
 def _upcast(x: torch.Tensor) -> bool:
     # Triton's CPU interpreter multiplies bf16 tiles wrongly (it stores them as uint16); there,
     # bf16 operands are widened to fp32 first, which is exact. Compiled kernels never do this.
-    return _interpreting() and x.dtype == torch.bfloat16
+    return interpreting() and x.dtype == torch.bfloat16
 
 
 def _check(a: torch.Tensor, b: torch.Tensor):
