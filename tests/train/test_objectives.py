@@ -72,10 +72,10 @@ def test_mask_generator_depends_on_every_coordinate():
     assert len(draws) == 5
 
 
-@pytest.mark.parametrize("task", ["cmr", "vmlm", "mrfr", "mrckl"])
-def test_each_objective_overfits_a_tiny_batch(task, tiny_text_encoder):
+def _tiny_pretraining(tiny_text_encoder, B: int = 6, N: int = 5):
+    """A tiny dual encoder with its pretraining heads (dropout 0: deterministic), tokenizer and a batch."""
     torch.manual_seed(0)
-    D, C, B, N = 16, 10, 6, 5
+    D, C = 16, 10
     tok, model = build_dual_encoder(ModelConfig(text_encoder=tiny_text_encoder, image_layers=1, dropout=0.0),
                                     LossConfig(scale="fixed", init_scale=10.0, normalize=True), D,
                                     pretrain=True, num_classes=C)
@@ -84,6 +84,12 @@ def test_each_objective_overfits_a_tiny_batch(task, tiny_text_encoder):
              "img_feat": torch.randn(B, N, D), "img_pos": torch.rand(B, N, 7),
              "img_mask": torch.ones(B, N, dtype=torch.long), "group_ids": torch.arange(B),
              "img_cls": torch.softmax(3 * torch.randn(B, N, C), -1)}
+    return tok, model, batch
+
+
+@pytest.mark.parametrize("task", ["cmr", "vmlm", "mrfr", "mrckl"])
+def test_each_objective_overfits_a_tiny_batch(task, tiny_text_encoder):
+    tok, model, batch = _tiny_pretraining(tiny_text_encoder)
     objectives = Objectives(model, tok, mask_prob=0.3)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
@@ -96,3 +102,41 @@ def test_each_objective_overfits_a_tiny_batch(task, tiny_text_encoder):
         losses.append(loss.item())
     assert np.isfinite(losses).all()
     assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3]), losses
+
+
+@pytest.mark.parametrize("task", ["vmlm", "mrfr", "mrckl"])
+def test_each_pretraining_objective_uses_the_other_modality(task, tiny_text_encoder):
+    """VMLM predicts words from z_m + h_0 and MRFR/MRC-kl regions from h_m + z_0: the other modality's
+    [CLS] is what makes them cross-modal. Losing it still trains (the overfit test above passes on
+    one modality alone), so check it directly: changing the other modality's input changes the loss
+    (same masks), and the loss's gradient reaches that input."""
+    tok, model, batch = _tiny_pretraining(tiny_text_encoder)
+    objectives = Objectives(model, tok, mask_prob=0.3)
+    other = {}  # the other modality's input as the model sees it: image features, or the text embeddings
+
+    def keep_text_embeddings(module, args, output):
+        if output.requires_grad:
+            output.retain_grad()
+            other["text"] = output
+
+    model.text.embeddings.register_forward_hook(keep_text_embeddings)
+    if task == "vmlm":
+        changed = dict(batch, img_feat=batch["img_feat"] + torch.randn_like(batch["img_feat"]))
+        batch = dict(batch, img_feat=batch["img_feat"].clone().requires_grad_(True))
+    else:
+        words = tok([f"two large {c} squares beside {i} small circles" for i, c in
+                     enumerate(["red", "blue", "green", "grey", "pink", "black"])], padding=True, return_tensors="pt")
+        changed = dict(batch, input_ids=words["input_ids"], attention_mask=words["attention_mask"])
+
+    def loss_of(b):
+        return objectives(task, b, mask_generator(torch.device("cpu"), 0, 0, 0, 0))
+
+    loss = loss_of(batch)
+    loss.backward()
+    grad = batch["img_feat"].grad if task == "vmlm" else other["text"].grad
+    assert grad is not None, f"{task}'s loss does not depend on the other modality"
+    assert torch.isfinite(grad).all() and grad.abs().max() > 1e-6, grad.abs().max()
+    with torch.no_grad():
+        again, moved = loss_of(batch).item(), loss_of(changed).item()
+    assert again == pytest.approx(loss.item(), rel=1e-6)  # deterministic: dropout 0, the same masks
+    assert abs(moved - loss.item()) > 1e-3 * abs(loss.item()), (loss.item(), moved)
