@@ -23,6 +23,15 @@ def caption_image(tokenizer, ids):
     return int(re.match(r"image (\d+) caption \d", tokenizer.decode(ids, skip_special_tokens=True)).group(1))
 
 
+def stored_samples(data_dir) -> dict[str, dict]:
+    """Every decoded sample of a dataset, by image_id, read straight from its shards."""
+    from ldot.data.reader import ErrorPolicy, read_shard
+
+    paths = schema.shard_paths(data_dir, schema.read_manifest(data_dir))
+    samples = (schema.decode_sample(raw) for path in paths for raw in read_shard(path, ErrorPolicy()))
+    return {s[schema.META]["image_id"]: s for s in samples}
+
+
 def test_batch_contract(small_dataset, tokenizer):
     (b,) = take(TrainLoader(small_dataset, tokenizer, batch_size=6), 1)
     assert set(b) == KEYS
@@ -46,8 +55,16 @@ def test_batch_contract(small_dataset, tokenizer):
     for i in range(6):
         k = int(b["group_ids"][i])
         assert b["image_id"][i] == f"img{k}" and caption_image(tokenizer, b["input_ids"][i]) == k
-        # the features were written as random normals; region count must match what was stored
     assert len(set(b["group_ids"].tolist())) == 6
+    # Each image's regions are the stored ones: as many (the mask's real regions come first), the same
+    # features and boxes. Random region counts of 3..6 could pass the range check above with a wrong mask.
+    stored = stored_samples(small_dataset)
+    for i, image_id in enumerate(b["image_id"]):
+        feat, box = stored[image_id][schema.FEAT], stored[image_id][schema.BOX]
+        r = feat.shape[0]
+        assert int(b["img_mask"][i].sum()) == r and b["img_mask"][i, :r].all(), (image_id, b["img_mask"][i], r)
+        assert torch.equal(b["img_feat"][i, :r], torch.from_numpy(feat.astype(np.float32)))
+        assert torch.allclose(b["img_pos"][i, :r, :4], torch.from_numpy(box.astype(np.float32)))
 
 
 def test_every_rank_streams_forever_with_disjoint_epoch_shares(small_dataset, tokenizer):
@@ -110,11 +127,8 @@ def test_eval_split(synth_dir, tokenizer):
     assert [t["input_ids"].shape[0] for t in texts] == [64, 36]
     assert tokenizer.decode(texts[1]["input_ids"][-1], skip_special_tokens=True) == ev.captions[-1].lower()
     # Same features as the shards hold, in the same order.
-    path = schema.shard_paths(synth_dir / "test", schema.read_manifest(synth_dir / "test"))[0]
-    from ldot.data.reader import ErrorPolicy, read_shard
-
-    first = schema.decode_sample(next(read_shard(path, ErrorPolicy())))
-    assert torch.equal(batches[0]["img_feat"][0], torch.from_numpy(first["feat.npy"].astype(np.float32)))
+    first = stored_samples(synth_dir / "test")[ev.image_ids[0]]
+    assert torch.equal(batches[0]["img_feat"][0], torch.from_numpy(first[schema.FEAT].astype(np.float32)))
 
 
 def fingerprint(batch):
