@@ -63,8 +63,24 @@ class ModelConfig:
     """Recompute each encoder layer's activations during the backward instead of keeping them
     (transformers' gradient checkpointing, non-reentrant): a layer then holds only its input, for
     about one more forward of compute. What lets large contrastive batches fit on a GPU."""
+    image_init: Optional[str] = None
+    """A UNITER checkpoint (LightningDOT's uniter-base.pt: UNITER under bert.*, or uniter.*): the image
+    encoder starts from it, as the original fine-tuning does; its size comes from the file (image_layers
+    is then unused)."""
+    text_init: Optional[str] = None
+    """A BERT checkpoint (LightningDOT's bert-base-cased.pt: under bert.*, or bare): the text encoder
+    starts from it, its size from the file; the tokenizer is model.tokenizer (the file carries none)."""
+    tokenizer: Optional[str] = None
+    """A vocab file or tokenizer directory, used instead of the text encoder directory's tokenizer
+    (needed with text_init)."""
 
     def __post_init__(self):
+        if self.init_from and (self.image_init or self.text_init):
+            raise ConfigError("model.init_from starts both encoders; it excludes model.image_init and model.text_init")
+        if self.text_init and not self.tokenizer:
+            raise ConfigError("model.text_init needs model.tokenizer (a vocab file or tokenizer directory)")
+        if self.image_init and self.init_image_from_text:
+            raise ConfigError("model.image_init and model.init_image_from_text both start the image encoder")
         if self.image_layers < 1:
             raise ConfigError(f"model.image_layers must be >= 1, got {self.image_layers}")
         if not 0.0 <= self.dropout < 1.0:

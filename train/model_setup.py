@@ -33,24 +33,21 @@ def _build(model_cfg: ModelConfig, loss_cfg: LossConfig, feature_dim: int, pretr
             model.pretrain_heads = PretrainHeads(model.text.config, feature_dim, num_classes)
             tie_mlm_decoder(model.pretrain_heads, model.text)
         return tokenizer, model.train()
-    path = resolve_text_encoder(model_cfg.text_encoder)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    dropout = {"hidden_dropout_prob": model_cfg.dropout, "attention_probs_dropout_prob": model_cfg.dropout}
-    if model_cfg.text_pretrained:
-        text = BertModel.from_pretrained(path, add_pooling_layer=False, **dropout)
-    else:
-        text = BertModel(BertConfig.from_pretrained(path, **dropout), add_pooling_layer=False)
+    text, tokenizer = _text_encoder(model_cfg)
     tc = text.config
-    image_cfg = BertConfig(
-        hidden_size=tc.hidden_size, num_attention_heads=tc.num_attention_heads,
-        intermediate_size=tc.intermediate_size, hidden_act=tc.hidden_act,
-        num_hidden_layers=model_cfg.image_layers, layer_norm_eps=tc.layer_norm_eps,
-        hidden_dropout_prob=model_cfg.dropout, attention_probs_dropout_prob=model_cfg.dropout,
-        initializer_range=tc.initializer_range, feature_dim=feature_dim, vocab_size=1,
-    )
-    image = ImageEncoder(image_cfg)
+    if model_cfg.image_init:
+        image = _image_from_uniter(model_cfg, tc, feature_dim)
+    else:
+        image_cfg = BertConfig(
+            hidden_size=tc.hidden_size, num_attention_heads=tc.num_attention_heads,
+            intermediate_size=tc.intermediate_size, hidden_act=tc.hidden_act,
+            num_hidden_layers=model_cfg.image_layers, layer_norm_eps=tc.layer_norm_eps,
+            hidden_dropout_prob=model_cfg.dropout, attention_probs_dropout_prob=model_cfg.dropout,
+            initializer_range=tc.initializer_range, feature_dim=feature_dim, vocab_size=1,
+        )
+        image = ImageEncoder(image_cfg)
     if model_cfg.init_image_from_text:
-        if model_cfg.image_layers > tc.num_hidden_layers:
+        if image.config.num_hidden_layers > tc.num_hidden_layers:
             raise ConfigError(f"model.init_image_from_text: image_layers={model_cfg.image_layers} exceeds the "
                               f"text encoder's {tc.num_hidden_layers} layers")
         for dst, src in zip(image.encoder.layer, text.encoder.layer):
@@ -60,3 +57,38 @@ def _build(model_cfg: ModelConfig, loss_cfg: LossConfig, feature_dim: int, pretr
                         contrastive=ContrastiveLoss(loss_cfg.scale, loss_cfg.init_scale, impl=loss_cfg.impl),
                         pretrain_heads=heads)
     return tokenizer, model.train()  # from_pretrained hands back the text encoder in eval mode
+
+
+def _text_encoder(model_cfg: ModelConfig):
+    """(text encoder, tokenizer): from model.text_init's BERT state dict, or the text_encoder directory."""
+    from ldot.model.lightningdot import bert_text_encoder, load_tokenizer
+
+    tokenizer = load_tokenizer(model_cfg.tokenizer) if model_cfg.tokenizer else None
+    if model_cfg.text_init:
+        text = bert_text_encoder(model_cfg.text_init, dropout=model_cfg.dropout)
+    else:
+        path = resolve_text_encoder(model_cfg.text_encoder)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
+        dropout = {"hidden_dropout_prob": model_cfg.dropout, "attention_probs_dropout_prob": model_cfg.dropout}
+        if model_cfg.text_pretrained:
+            text = BertModel.from_pretrained(path, add_pooling_layer=False, **dropout)
+        else:
+            text = BertModel(BertConfig.from_pretrained(path, **dropout), add_pooling_layer=False)
+    if model_cfg.tokenizer and len(tokenizer) > text.config.vocab_size:
+        raise ConfigError(f"model.tokenizer: {len(tokenizer)} tokens, the text encoder embeds "
+                          f"{text.config.vocab_size}")
+    return text, tokenizer
+
+
+def _image_from_uniter(model_cfg: ModelConfig, tc: BertConfig, feature_dim: int) -> ImageEncoder:
+    from ldot.model.lightningdot import uniter_image_encoder
+
+    image = uniter_image_encoder(model_cfg.image_init, dropout=model_cfg.dropout)
+    ic = image.config
+    if ic.feature_dim != feature_dim:
+        raise ConfigError(f"model.image_init={model_cfg.image_init} takes {ic.feature_dim}-d region features, "
+                          f"the data has {feature_dim}")
+    if ic.hidden_size != tc.hidden_size:
+        raise ConfigError(f"model.image_init={model_cfg.image_init} has hidden size {ic.hidden_size}, the text "
+                          f"encoder {tc.hidden_size}")
+    return image

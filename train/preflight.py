@@ -60,7 +60,13 @@ def check_paths(cfg: TrainConfig) -> None:
     check_dataset("data.train", cfg.data.train)
     check_dataset("data.val", cfg.data.val)
     check_export("model.init_from", cfg.model.init_from)
-    if cfg.model.text_encoder != "minilm" and not (Path(cfg.model.text_encoder) / "config.json").is_file():
+    for key in ("image_init", "text_init"):
+        if getattr(cfg.model, key) and not Path(getattr(cfg.model, key)).is_file():
+            raise ConfigError(f"model.{key}: {getattr(cfg.model, key)} not found")
+    if cfg.model.tokenizer and not Path(cfg.model.tokenizer).exists():
+        raise ConfigError(f"model.tokenizer: {cfg.model.tokenizer} not found")
+    if (not cfg.model.text_init and cfg.model.text_encoder != "minilm"
+            and not (Path(cfg.model.text_encoder) / "config.json").is_file()):
         raise ConfigError(f"model.text_encoder: {cfg.model.text_encoder} is not a Hugging Face model directory "
                           "(no config.json)")
     if not Path(cfg.engine.deepspeed_config).is_file():
