@@ -10,7 +10,8 @@ import importlib
 import logging
 import sys
 
-COMMANDS = tuple(f"ldot.eval.{name}_cmd" for name in ("recall", "index", "search", "mine", "compare", "sync"))
+COMMANDS = tuple(f"ldot.eval.{name}_cmd"
+                 for name in ("recall", "index", "search", "mine", "compare", "sync", "import"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,24 +39,47 @@ def resolve_text_encoder(name: str) -> Path:
 
 
 class RegionEmbeddings(nn.Module):
-    """[CLS] + LayerNorm(W_f feat) + LayerNorm(W_b box), summed and LayerNorm'd (UNITER's image embeddings)."""
+    """The input of UNITER's encoder as the original LightningDOT image side feeds it: one text token,
+    then the regions.
+
+    Token 0 is UNITER's one-token text part, LN_t(word[CLS] + pos[0] + type[0]): ``cls`` holds that
+    sum (the image side never embeds any other word, so one vector is the whole table it uses) and
+    ``cls_norm`` is LN_t. Each region is LN(LN_f(W_f feat) + LN_b(W_b box7) + type[1]), with
+    ``region_type`` holding type[1] (UNITER's img_linear/img_layer_norm, pos_linear/pos_layer_norm,
+    token_type_embeddings[1], img_embeddings.LayerNorm). The export format before version 2 had no
+    ``cls_norm``/``region_type``: one LayerNorm over both; such weights load as cls_norm = norm and
+    region_type = 0, which computes exactly what they computed.
+    """
 
     def __init__(self, config: BertConfig):
         super().__init__()
         h = config.hidden_size
         self.cls = nn.Parameter(torch.zeros(1, 1, h))
+        self.cls_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
         self.feat_linear = nn.Linear(config.feature_dim, h)
         self.feat_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
         self.box_linear = nn.Linear(BOX_DIM, h)
         self.box_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        self.region_type = nn.Parameter(torch.zeros(h))
         self.norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self._register_load_state_dict_pre_hook(_upgrade_v1_region_embeddings)
 
     def forward(self, img_feat, img_pos, img_mask):
         x = self.feat_norm(self.feat_linear(img_feat)) + self.box_norm(self.box_linear(img_pos))
-        x = torch.cat([self.cls.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        x = self.norm(x + self.region_type.to(x.dtype))
+        cls = self.cls_norm(self.cls.to(x.dtype)).expand(x.shape[0], -1, -1)
         mask = torch.cat([img_mask.new_ones(img_mask.shape[0], 1), img_mask], dim=1)
-        return self.dropout(self.norm(x)), mask
+        return self.dropout(torch.cat([cls, x], dim=1)), mask
+
+
+def _upgrade_v1_region_embeddings(state_dict, prefix, *args):
+    """Weights of the version-1 layout (one LayerNorm over [CLS] and regions, no region type)."""
+    if prefix + "norm.weight" in state_dict and prefix + "cls_norm.weight" not in state_dict:
+        for name in ("weight", "bias"):
+            state_dict[prefix + "cls_norm." + name] = state_dict[prefix + "norm." + name].clone()
+        state_dict.setdefault(prefix + "region_type", state_dict[prefix + "norm.bias"].new_zeros(
+            state_dict[prefix + "norm.bias"].shape))
 
 
 class ImageEncoder(BertPreTrainedModel):
@@ -75,6 +98,7 @@ class ImageEncoder(BertPreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, RegionEmbeddings):
             module.cls.data.normal_(0.0, self.config.initializer_range)
+            module.region_type.data.normal_(0.0, self.config.initializer_range)
 
     def forward(self, img_feat, img_pos, img_mask):
         x, mask = self.embeddings(img_feat, img_pos, img_mask)
@@ -83,12 +107,13 @@ class ImageEncoder(BertPreTrainedModel):
 
 
 class ProjectionHead(nn.Module):
-    """The original LightningDOT code's MLP on each [CLS]: h -> 2h -> GELU -> LayerNorm -> h."""
+    """The original LightningDOT code's MLP on each [CLS] (its encode_proj): h -> 2h -> GELU (erf) ->
+    LayerNorm -> out (out = h unless given; the released checkpoints have h = out = 768)."""
 
-    def __init__(self, hidden: int, eps: float = 1e-12):
+    def __init__(self, hidden: int, eps: float = 1e-12, out: int | None = None):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.GELU(), nn.LayerNorm(2 * hidden, eps=eps),
-                                 nn.Linear(2 * hidden, hidden))
+                                 nn.Linear(2 * hidden, out or hidden))
 
     def forward(self, x):
         return self.net(x)
@@ -130,15 +155,16 @@ def tie_mlm_decoder(heads: PretrainHeads, text: BertModel) -> None:
 
 class DualEncoder(nn.Module):
     def __init__(self, text: BertModel, image: ImageEncoder, *, projection: bool, normalize: bool,
-                 contrastive: ContrastiveLoss, pretrain_heads: PretrainHeads | None = None):
+                 contrastive: ContrastiveLoss, pretrain_heads: PretrainHeads | None = None,
+                 proj_dim: int | None = None):
         super().__init__()
         self.pretrain_heads = pretrain_heads
         if pretrain_heads is not None:
             tie_mlm_decoder(pretrain_heads, text)
         self.text, self.image = text, image
         h = text.config.hidden_size
-        self.text_proj = ProjectionHead(h) if projection else nn.Identity()
-        self.image_proj = ProjectionHead(h) if projection else nn.Identity()
+        self.text_proj = ProjectionHead(h, out=proj_dim) if projection else nn.Identity()
+        self.image_proj = ProjectionHead(h, out=proj_dim) if projection else nn.Identity()
         self.normalize = normalize
         self.set_contrastive(contrastive)
 
@@ -154,6 +180,8 @@ class DualEncoder(nn.Module):
 
     @property
     def embed_dim(self) -> int:
+        if isinstance(self.text_proj, ProjectionHead):
+            return self.text_proj.net[-1].out_features
         return self.text.config.hidden_size
 
     def _finish(self, cls: torch.Tensor) -> torch.Tensor:
