@@ -69,3 +69,17 @@ def test_smoothing_keeps_the_steps(n):
     pts = [(s, float(s % 7)) for s in range(n)]
     out = _smooth(pts)
     assert [s for s, _ in out] == [s for s, _ in pts]
+
+
+def test_smoothing_is_a_trailing_mean_over_a_fiftieth_of_the_points():
+    from ldot.eval.compare import _smooth
+
+    # 250 points: a window of 250 // 50 = 5 points. A ramp with one spike of 5 at index 100.
+    pts = [(10 * i, i + (5.0 if i == 100 else 0.0)) for i in range(250)]
+    # By hand: while the window fills, the mean of 0..i is i/2; then the mean of i-4..i is i-2, plus 5/5
+    # at the 5 points whose window holds the spike.
+    want = [i / 2 if i < 4 else i - 2 + (1.0 if 100 <= i <= 104 else 0.0) for i in range(250)]
+    out = _smooth(pts)
+    assert [s for s, _ in out] == [s for s, _ in pts]
+    assert [v for _, v in out] == pytest.approx(want, abs=1e-9)
+    assert _smooth(pts[:200]) == pts[:200]  # 200 points or fewer are drawn as they are
