@@ -206,7 +206,12 @@ def split_lightningdot(obj, where: str) -> tuple[str, dict, dict]:
     img, txt = _sub(sd, prefix + "img_model."), _sub(sd, prefix + "txt_model.")
     if not img or not txt:
         lacks = " and ".join(f"{prefix}{s}_model.*" for s, d in (("img", img), ("txt", txt)) if not d)
-        raise ModelError(f"{where}: not a LightningDOT checkpoint: lacks {lacks} (holds {_prefixes(sd)})")
+        hint = ""
+        if any(k.startswith(("bert.img_embeddings.", "uniter.img_embeddings.")) for k in sd):
+            hint = "; a UNITER checkpoint starts an image encoder as model.image_init"
+        elif any(k.startswith(("bert.embeddings.", "embeddings.")) for k in sd):
+            hint = "; a BERT checkpoint starts a text encoder as model.text_init"
+        raise ModelError(f"{where}: not a LightningDOT checkpoint: lacks {lacks} (holds {_prefixes(sd)}){hint}")
     rest = [k for k in sd if not k.startswith((prefix + "img_model.", prefix + "txt_model."))]
     unknown = [k for k in rest if not (prefix == "bert." and k.startswith(_PRETRAIN_HEADS))]
     if unknown:
@@ -263,7 +268,11 @@ def load_tokenizer(path: str | Path):
     tokens = read_vocab(p)
     if "[CLS]" not in tokens or "[SEP]" not in tokens:
         raise ModelError(f"tokenizer {p}: not a BERT WordPiece vocab (no [CLS]/[SEP] line)")
-    return BertTokenizerFast(vocab_file=str(p), do_lower_case=not is_cased(tokens), model_max_length=512)
+    import inspect
+
+    # transformers 5 takes the file as `vocab`, 4.x as `vocab_file`
+    arg = "vocab_file" if "vocab_file" in inspect.signature(BertTokenizerFast.__init__).parameters else "vocab"
+    return BertTokenizerFast(**{arg: str(p)}, do_lower_case=not is_cased(tokens), model_max_length=512)
 
 
 def import_lightningdot(checkpoint: str | Path, out: str | Path, tokenizer_path: str | Path, *,

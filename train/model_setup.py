@@ -83,7 +83,8 @@ def _text_encoder(model_cfg: ModelConfig):
 def _image_from_uniter(model_cfg: ModelConfig, tc: BertConfig, feature_dim: int) -> ImageEncoder:
     from ldot.model.lightningdot import uniter_image_encoder
 
-    image = uniter_image_encoder(model_cfg.image_init, dropout=model_cfg.dropout)
+    # heads are not in a state dict: the text encoder's (the original configures both sides alike)
+    image = uniter_image_encoder(model_cfg.image_init, num_heads=tc.num_attention_heads, dropout=model_cfg.dropout)
     ic = image.config
     if ic.feature_dim != feature_dim:
         raise ConfigError(f"model.image_init={model_cfg.image_init} takes {ic.feature_dim}-d region features, "
