@@ -21,6 +21,7 @@ class CaptionRecord:
     captions: list[str]
     split: str
     index: int  # position in the caption source: row of an aligned feature array
+    extra: dict | None = None  # more fields for the sample's json (e.g. the source's caption ids)
 
 
 def normalize_caption(text: str) -> str:

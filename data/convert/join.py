@@ -72,7 +72,7 @@ def convert(items: Iterable[Item], source: FeatureSource, out, *, split: str, so
         for item, feat, box, cls, thumb in source.features(stream, policy):
             bar.update(item.seq + 1 - bar.n)  # records the source skipped count as done too
             meta = {"image_id": item.record.image_id, "captions": item.record.captions, "split": item.record.split,
-                    "source": source_name}
+                    "source": source_name, **(item.record.extra or {})}
             try:
                 writer.write(feat, box, meta, cls=cls, thumb=thumb,
                              position={"seq": item.seq, "skipped": item.skipped_before})
