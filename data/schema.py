@@ -165,6 +165,14 @@ def decode_sample(raw: dict) -> dict:
         raise DataError(f"{exn.k} does not decode ({type(cause).__name__}: {cause})", reason=reason, **_where(raw)) from None
 
 
+def _all_finite(arr: np.ndarray) -> bool:
+    """np.isfinite(arr).all(), without numpy's float16 arithmetic (element by element through float32,
+    ~10x slower than reading the exponent bits: it was most of a converter's time per sample)."""
+    if arr.dtype == np.float16:
+        return bool(((arr.view(np.uint16) & 0x7C00) != 0x7C00).all())  # exponent all ones: inf or NaN
+    return bool(np.isfinite(arr).all())
+
+
 def validate_sample(sample: dict, feature_dim: int | None = None, class_dim: int | None = None) -> list[tuple[str, str]]:
     """Problems of one decoded sample as (reason, sentence) pairs; empty when the sample is valid."""
     problems: list[tuple[str, str]] = []
@@ -193,7 +201,7 @@ def validate_sample(sample: dict, feature_dim: int | None = None, class_dim: int
         bad("wrong_dim", f"{BOX} has shape {box.shape}, the schema says [N, 4]")
     elif feat.ndim == 2 and box.shape[0] != feat.shape[0]:
         bad("wrong_dim", f"{BOX} has {box.shape[0]} boxes for {feat.shape[0]} regions")
-    if feat.dtype.kind == "f" and not np.isfinite(feat).all():
+    if feat.dtype.kind == "f" and not _all_finite(feat):
         bad("nonfinite", f"{FEAT} holds NaN or inf")
     if box.dtype.kind == "f":
         if not np.isfinite(box).all():
@@ -214,7 +222,7 @@ def validate_sample(sample: dict, feature_dim: int | None = None, class_dim: int
                 bad("wrong_dim", f"{CLS} has shape {cls.shape} for {feat.shape[0]} regions")
             elif class_dim is not None and cls.shape[1] != class_dim:
                 bad("wrong_dim", f"{CLS} has class dim {cls.shape[1]}, the manifest says {class_dim}")
-            if cls.dtype.kind == "f" and not np.isfinite(cls).all():
+            if cls.dtype.kind == "f" and not _all_finite(cls):
                 bad("nonfinite", f"{CLS} holds NaN or inf")
     elif class_dim is not None:
         bad("missing_member", f"missing member {CLS} (the manifest says class_dim {class_dim})")

@@ -43,11 +43,11 @@ def samples(data_dir):
     return [schema.decode_sample(raw) for p in schema.shard_paths(data_dir, m) for raw in read_shard(p, ErrorPolicy())]
 
 
-def detections(rng, n):
+def detections(rng, n, dim=D):
     """One image's detector output as the feature extractor dumps it (float32, unsorted confidences)."""
     xy = rng.uniform(0, 0.6, (n, 2)).astype(np.float32)
     wh = rng.uniform(0.05, 0.4, (n, 2)).astype(np.float32)
-    return {"features": rng.standard_normal((n, D)).astype(np.float32),
+    return {"features": rng.standard_normal((n, dim)).astype(np.float32),
             "norm_bb": np.concatenate([xy, xy + wh, wh], 1).astype(np.float32),  # x1,y1,x2,y2,w,h
             "conf": rng.uniform(0, 1, n).astype(np.float32),
             "soft_labels": rng.dirichlet(np.ones(C), n).astype(np.float32)}

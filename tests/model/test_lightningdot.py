@@ -357,3 +357,104 @@ def test_version_1_exports_load_and_compute_what_they_computed(tmp_path, tiny_te
     (tmp_path / "v1" / "ldot.json").write_text(json.dumps(meta))
     with pytest.raises(ModelError, match=r"ldot.json: export format version 7; this code reads versions 1, 2"):
         load_dual_encoder(tmp_path / "v1")
+
+
+def uniter_dbs():
+    """The data tests' writers of UNITER's img_db and txt_db, as UNITER's scripts write them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("uniter_dbs", REPO / "tests" / "data" / "test_convert_uniter.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_released_files_to_a_recall_table(tmp_path):
+    """The README's path: a LightningDOT txt_db + img_db converted, coco-ft.pt imported, recall computed;
+    the embeddings eval computes are the original's on the db's own arrays (norm_bb's stored w, h)."""
+    from ldot.data.convert import run_convert
+    from ldot.data.__main__ import build_parser
+    from ldot.data.loader import load_eval_split
+    from ldot.eval.__main__ import main as eval_main
+    from ldot.eval.metrics import retrieval_recall
+    from ldot.eval.recall import encode_split
+
+    dbs = uniter_dbs()
+    rng = np.random.default_rng(7)
+    texts = ["A man riding a horse on the beach .", "two cats", "The red bus", "a dog on the street", "a small child"]
+    images = {f"coco_val2014_{i:012d}.npz": dbs.detections(rng, int(rng.integers(4, 16)), dim=IMG_DIM)
+              for i in range(6)}
+    caps = [(name, texts[(i + j) % len(texts)]) for i, name in enumerate(images) for j in range(2)]
+    expected = dbs.write_img_db(tmp_path / "img" / "coco_val2014", images)
+    dbs.ids_of = lambda text: [1]  # input_ids are not read when the raw text is there
+    (tmp_path / "db").mkdir()
+    dbs.write_txt_db(tmp_path / "db" / "itm_coco_test_base-cased.db", caps)
+    run_convert(build_parser().parse_args([
+        "convert", "--format", "uniter", "--txt-db", str(tmp_path / "db" / "itm_coco_test_base-cased.db"),
+        "--img-db", str(tmp_path / "img" / "coco_val2014"), "--out", str(tmp_path / "data"),
+        "--conf-th", str(dbs.CONF_TH), "--max-bb", str(dbs.MAX_BB), "--min-bb", str(dbs.MIN_BB)]))
+    vocab = write_vocab(tmp_path / "vocab.txt")
+    m = bi_encoder(vocab_size(), seed=3)
+    import_lightningdot(save_finetuned_layout(m, tmp_path / "coco-ft.pt", torch.float16), tmp_path / "export", vocab,
+                        num_heads=HEADS)
+    assert eval_main(["recall", "--checkpoint", str(tmp_path / "export"), "--data", str(tmp_path / "data"),
+                      "--no-log", "--out", str(tmp_path / "r" / "recall.json"), "--figure-queries", "0",
+                      "--ks", "1", "2", "3", "--curve-k", "4"]) == 0
+    rec = json.loads((tmp_path / "r" / "recall.json").read_text())
+
+    tok, model, meta = load_dual_encoder(tmp_path / "export")
+    split = load_eval_split(tmp_path / "data")
+    txt, img = encode_split(model, split, tok, max_text_len=meta["max_text_len"], progress=False)
+    m.to(torch.float16).float()
+    with torch.no_grad():
+        ref_img = []
+        for name in images:  # the original's input: the db's float16 arrays, its 6 norm_bb columns + w*h
+            e = expected[name]
+            bb = torch.from_numpy(e["norm_bb"].astype(np.float32))
+            pos7 = torch.cat([bb, bb[:, 4:5] * bb[:, 5:]], 1)
+            feat = torch.from_numpy(e["features"].astype(np.float32))
+            ref_img.append(original_image(m.img_model, feat[None], pos7[None], torch.ones(1, len(feat)))[0])
+        enc = tok([t for _, t in caps], padding=True, return_tensors="pt")
+        ref_txt = original_text(m.txt_model, enc["input_ids"], enc["attention_mask"])
+    ref_img = torch.stack(ref_img).numpy()
+    np.testing.assert_allclose(txt, ref_txt.numpy(), rtol=1e-4, atol=1e-4)
+    # boxes: the shards keep x1..y2 and w, h are recomputed from them, where the db stored float16 w, h
+    np.testing.assert_allclose(img, ref_img, rtol=0, atol=5e-3 * np.abs(ref_img).max())
+    ref_recall = retrieval_recall(ref_txt.numpy() @ ref_img.T, split.caption_image, ks=(1, 2, 3))
+    assert rec["recall"] == pytest.approx(ref_recall, abs=1e-9)
+
+
+def test_trainer_starts_from_uniter_and_bert_files(tmp_path, monkeypatch):
+    """model.image_init / model.text_init / model.tokenizer: the trainer's model holds those weights (and
+    trains: gradients reach both encoders); a wrong feature dim or a missing tokenizer is one line."""
+    from ldot.train.config import ConfigError, LossConfig, ModelConfig
+    from ldot.train.model_setup import build_dual_encoder
+
+    m = bi_encoder(vocab_size(), seed=2)
+    torch.save({f"bert.{k}": v.half() for k, v in m.img_model.bert.state_dict().items()}, tmp_path / "uniter-base.pt")
+    torch.save({f"bert.{k}": v for k, v in m.txt_model.bert.state_dict().items()}, tmp_path / "bert-base-cased.pt")
+    vocab = write_vocab(tmp_path / "vocab.txt")
+    cfg = ModelConfig(image_init=str(tmp_path / "uniter-base.pt"), text_init=str(tmp_path / "bert-base-cased.pt"),
+                      tokenizer=str(vocab), projection=True, dropout=0.0)
+    with pytest.raises(ModelError, match=r"hidden size 16 is not a multiple of 64"):
+        build_dual_encoder(cfg, LossConfig(), IMG_DIM)  # heads default to hidden/64 for the text encoder
+    from ldot.model import lightningdot
+
+    text = lightningdot.bert_text_encoder(tmp_path / "bert-base-cased.pt", num_heads=HEADS)
+    orig = lightningdot.bert_text_encoder  # the tiny BERT's 16-wide, 2-head layers: heads are not in a state dict
+    monkeypatch.setattr(lightningdot, "bert_text_encoder", lambda path, **kw: orig(path, **{**kw, "num_heads": HEADS}))
+    tok, model = build_dual_encoder(cfg, LossConfig(), IMG_DIM)
+    with pytest.raises(ConfigError, match=r"uniter-base.pt takes 12-d region features, the data has 7"):
+        build_dual_encoder(cfg, LossConfig(), 7)
+    assert torch.equal(model.text.embeddings.word_embeddings.weight, text.embeddings.word_embeddings.weight)
+    _, feat, pos7, mask = inputs(tok)
+    enc = tok(["a man", "two cats"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        x_ref = _original_image_states(m.img_model.half().float(), feat, pos7, mask)
+        torch.testing.assert_close(model.image_states(feat, pos7, mask)[:, 0], x_ref, rtol=1e-4, atol=1e-4)
+    t, i, _ = model(enc["input_ids"], enc["attention_mask"], feat, pos7, mask)
+    (t @ i.T).diagonal().sum().backward()
+    assert model.image.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
+    assert model.text.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match=r"model.text_init needs model.tokenizer"):
+        ModelConfig(text_init="x.pt")
