@@ -2,6 +2,7 @@
 synth -> inspect -> 2-rank torchrun + DeepSpeed ZeRO-2 -> eval recall -> MLflow read back."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,7 +41,10 @@ def demo(tmp_path_factory, tiny_shards):
 def test_shards_validate(demo):
     manifest = json.loads((demo["data"] / "train" / "manifest.json").read_text())
     assert manifest["feature_dim"] == 1280
-    assert "error" not in demo["inspect"].lower() or "0 error" in demo["inspect"].lower()
+    # The totals, as numbers: a substring check of "0 error" also passed on "10 errors".
+    totals = re.search(r"\b(\d+) samples read \((\d+) valid\)", demo["inspect"])
+    assert totals and int(totals[1]) == int(totals[2]) == 64, demo["inspect"]
+    assert re.search(r"^OK: every sample valid", demo["inspect"], re.MULTILINE), demo["inspect"]
 
 
 def test_recall_table_has_every_entry_in_unit_interval(demo):
@@ -52,6 +56,21 @@ def test_recall_table_has_every_entry_in_unit_interval(demo):
     assert "chance" in demo["recall_stdout"] and "mlflow ui" in demo["recall_stdout"]
 
 
+def test_trained_model_beats_chance_by_a_wide_margin(demo):
+    """16 steps on 64 scenes retrieve far better than chance on the 24 held-out ones, both ways.
+
+    AR >= 10x chance cannot be asked of 24 test images: chance AR is already 0.21 (R@10 alone is
+    10/24 by luck), so AR is at most 4.8x chance. This configuration reaches AR 0.525 (2.5x chance),
+    TR R@1 0.21 (5x) and IR R@1 0.17 (4x), the same in every run on a 2-core CPU (it is seeded); the
+    bounds leave 20-40% headroom for other machines' arithmetic. An untrained or mis-ordered model
+    sits at chance."""
+    result = json.loads((demo["ckpt"] / "recall.json").read_text())
+    recall, chance = result["recall"], result["chance"]
+    assert recall["ar"] >= 2 * chance["ar"], (recall, chance)
+    for way in ("tr", "ir"):
+        assert recall[f"{way}_r1"] >= 3 * chance[f"{way}_r1"], (way, recall, chance)
+
+
 def test_mlflow_run_holds_loss_and_recall(demo):
     import mlflow
 
@@ -61,7 +80,8 @@ def test_mlflow_run_holds_loss_and_recall(demo):
     assert len(runs) == 1, "one run per job, never one per rank"
     run = runs[0]
     assert run.data.params["world_size"] == "2" and run.data.params["optim.max_steps"] == "16"
-    assert "test/ar" in run.data.metrics and 0.0 <= run.data.metrics["test/ar"] <= 1.0
+    recall = json.loads((demo["ckpt"] / "recall.json").read_text())["recall"]
+    assert run.data.metrics["test/ar"] == pytest.approx(recall["ar"])  # the table `ldot eval recall` printed
     client = mlflow.tracking.MlflowClient(info["tracking_uri"])
     val = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val/ar"))
     assert [s for s, _ in val] == [8, 16], "validation every 8 steps"
