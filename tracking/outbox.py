@@ -18,6 +18,15 @@ idempotent in MLflow's SQL stores (sqlite, PostgreSQL, MySQL: what `mlflow serve
 is looked up by its key before it is created; an exact duplicate metric row (key, value, timestamp,
 step) is dropped; a param logged again with the same value is accepted; tags and artifacts
 overwrite. A file store (`./mlruns`) keeps duplicate metric rows, so it is not exactly-once.
+
+Why not MLflow's own async logging (`log_metrics(..., synchronous=False)`): it drops a batch that
+fails. Checked in the installed MLflow 3.17.2, mlflow/utils/async_logging/async_logging_queue.py:
+in `_log_run_data` the worker's `logging_func` (lines 197-209) catches any exception from
+`log_batch`, logs "Failed to log run data", stores it on the batch (`run_batch.exception = e`) and
+completes it; the only `self._queue.put` is in `log_batch_async` (line 313), so nothing puts a
+failed batch back, and the queue is a `queue.Queue` in memory, gone with a killed process. A server
+away for minutes would cost every record of those minutes; here they wait on disk and are sent
+when it answers.
 """
 from __future__ import annotations
 
@@ -278,12 +287,17 @@ def ensure_sweep_parent(client, experiment_id: str, sweep: str, settle_s: float 
 class Delivery:
     """Sends journal operations through one MlflowClient; used by the background sender and by sync."""
 
-    def __init__(self, tracking_uri: str, experiment: str, on_run: Callable[[str, str], None] | None = None):
-        from mlflow.tracking import MlflowClient
-
+    def __init__(self, tracking_uri: str, experiment: str, on_run: Callable[[str, str], None] | None = None,
+                 client=None):
+        """`client`: what sends (an MlflowClient for tracking_uri unless given; the unit tests of the
+        batching give a stand-in that records each call)."""
         limit_mlflow_retries()
         self.tracking_uri, self.experiment, self.on_run = tracking_uri, experiment, on_run
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        if client is None:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(tracking_uri=tracking_uri)
+        self.client = client
         self.run_ids: dict[str, str] = {}
         self._experiment_id: str | None = None
         self.rejected = 0
