@@ -8,7 +8,7 @@ It broadcasts the run to the other ranks, which record only their own system met
 `system/<host>-rank<r>/...`. Their Trackers ignore every other call, so the loop needs no rank checks.
 
 Records never go straight to MLflow: they are appended to a journal in `<output_dir>/mlflow_outbox`
-and a background thread sends them (train/tracking_outbox.py). If the server is unreachable at
+and a background thread sends them (tracking/outbox.py). If the server is unreachable at
 start or goes away later, training goes on; warnings are rate-limited; what the server missed is
 sent when it answers, or by `ldot eval sync OUTPUT_DIR` after the job.
 
@@ -356,9 +356,12 @@ class Tracker:
         self._emit([{"op": "artifact", "key": self.run_key, "path": str(copy),
                      "artifact_path": str(where.parent) if str(where.parent) != "." else None, "owned": True}])
 
-    def start_system_metrics(self, node_id: str, interval_s: float, device_index: int | None = None) -> None:
+    def start_system_metrics(self, node_id: str, interval_s: float, device_index: int | None = None,
+                             disk_path: str | Path | None = None) -> None:
         """Sample this process's machine every interval_s seconds as system/<node_id>/<name>; the step
-        is the seconds since the run started, so a resumed job continues the curves."""
+        is the seconds since the run started, so a resumed job continues the curves. The disk metrics
+        are those of the filesystem holding `disk_path`, by default the outbox's (the output directory's
+        in a training job)."""
         if self._sender is None or interval_s <= 0 or self._system is not None:
             return
 
@@ -367,5 +370,6 @@ class Tracker:
             self._emit([{"op": "log", "key": self.run_key,
                          "metrics": [[f"system/{node_id}/{k}", float(v), now, step] for k, v in metrics.items()]}])
 
-        self._system = SystemMetrics(emit, self.started_at or time.time(), interval_s, device_index)
+        self._system = SystemMetrics(emit, self.started_at or time.time(), interval_s, device_index,
+                                     disk_path or self._journal.dir)
         self._system.start()

@@ -1,4 +1,4 @@
-"""train/tracking.py and train/tracking_outbox.py against a real `mlflow server`: a run started while
+"""tracking/tracker.py and tracking/outbox.py against a real `mlflow server`: a run started while
 the server is away, an outage in the middle of a run, a journal delivered twice, sweep parents made
 by members that start at once."""
 import json
