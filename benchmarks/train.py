@@ -4,7 +4,7 @@
     python benchmarks/train.py --size paper --precision bf16 --nproc 1   # GPU: the paper's 2x12-layer model
 
 Both sides run the trainer's own pieces: the DualEncoder, the cross-rank CMR loss (kernels/), and for
-DeepSpeed train.engine.build_engine + train.loop.train_step. Batches are synthetic tensors of the
+DeepSpeed ldot.train.engine.build_engine + ldot.train.step.train_step. Batches are synthetic tensors of the
 configured shape made once on the device, so the figure is the trainer's rate, not the loader's.
 Prints a Markdown table of samples/s with the ratio against DDP (and model FLOPs utilization on GPU)
 and appends it, with device, date and command, to benchmarks/RESULTS.md. --grad-checkpointing turns on
@@ -107,7 +107,7 @@ def worker(args) -> None:
     from ldot.train.config import EngineConfig, OptimConfig
     from ldot.distributed import init_distributed
     from ldot.train.engine import build_engine
-    from ldot.train.loop import train_step
+    from ldot.train.step import train_step
     from ldot.model import enable_grad_checkpointing
     from ldot.train.objectives import Objectives
 
@@ -172,7 +172,8 @@ def worker(args) -> None:
 
             def step():
                 train_step(engine, objectives, "cmr", iter([batch]), world=dist.world_size, seed=0,
-                           step=next(counter), rank=dist.rank, device=dist.device, float_dtype=float_dtype)
+                           step=next(counter), rank=dist.rank, device=dist.device, float_dtype=float_dtype,
+                           rank_sizes=lambda n: [n] * dist.world_size)
         try:
             seconds = timed(step)
         except Exception as exc:  # one engine failing (e.g. an op that cannot build) must not hide the others

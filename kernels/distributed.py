@@ -55,6 +55,7 @@ def global_contrastive_loss(
     group_ids: torch.Tensor | None = None,
     impl: Impl = "auto",
     group=None,
+    sizes: list[int] | None = None,
 ) -> torch.Tensor:
     """CMR loss over the global batch, called on every rank with that rank's LOCAL features.
 
@@ -71,6 +72,11 @@ def global_contrastive_loss(
     AVERAGES gradients across ranks (DDP, DeepSpeed) must therefore backpropagate
     ``loss * world_size`` to get the single-process gradient.
 
+    ``sizes``, when given, is every rank's local batch size in rank order (the same list on every
+    rank); otherwise the ranks exchange them, which costs a device-to-host read per call. A trainer
+    knows them on the host (fixed batches, or a host-side exchange) and passes them to keep its step
+    free of device synchronization.
+
     Falls back to :func:`contrastive_loss` when torch.distributed is not initialized or the group
     has one rank.
     """
@@ -80,7 +86,10 @@ def global_contrastive_loss(
         raise KernelError("global_contrastive_loss has no 'reference' impl; compare against one process instead")
     logit_scale, group_ids = _check_inputs(text, image, logit_scale, group_ids)
     rank = dist.get_rank(group)
-    sizes = _all_sizes(text.shape[0], text.device, group)
+    if sizes is None:
+        sizes = _all_sizes(text.shape[0], text.device, group)
+    elif len(sizes) != dist.get_world_size(group) or sizes[rank] != text.shape[0]:
+        raise KernelError(f"sizes {sizes} must list every rank's batch size; this rank ({rank}) has {text.shape[0]}")
     total_n = sum(sizes)
     if total_n == 0:
         raise KernelError("global_contrastive_loss needs at least one pair across ranks")

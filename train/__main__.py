@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-        from ldot.train.loop import train
+        from ldot.train.trainer import train
 
         outcome, path = train(cfg, resume=args.resume)
     except LdotError as exc:

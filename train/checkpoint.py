@@ -46,9 +46,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class CheckpointManager:
-    def __init__(self, directory: str | Path, keep_last: int, rank: int):
+    def __init__(self, directory: str | Path, keep_last: int, rank: int, *, every_steps: int = 0,
+                 max_steps: int | None = None):
         self.dir = Path(directory)
         self.keep_last, self.rank = keep_last, rank
+        self.every_steps, self.max_steps = every_steps, max_steps
+
+    def due(self, step: int) -> bool:
+        """Every `checkpoint.every_steps` steps and at the last step; never when every_steps is 0."""
+        return bool(self.every_steps) and (step % self.every_steps == 0 or step == self.max_steps)
 
     # -- discovery ---------------------------------------------------------------------------
     def complete_tags(self) -> list[str]:

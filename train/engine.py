@@ -13,6 +13,7 @@ import deepspeed
 import torch
 from torch import nn
 
+from ldot.model import export_dual_encoder
 from ldot.train.config import EngineConfig, OptimConfig
 from ldot.train.errors import ConfigError
 
@@ -80,3 +81,11 @@ def loss_scale(engine) -> float:
         if isinstance(value, (int, float, torch.Tensor)):
             return float(value)
     return 1.0
+
+
+def export_from_engine(engine, tokenizer, out_dir: Path, meta: dict, is_main: bool) -> None:
+    """Export the encoders; under ZeRO-3 every rank joins the gather of the partitioned weights."""
+    params = list(engine.module.parameters()) if engine.zero_optimization_stage() == 3 else []
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=bool(params)):
+        if is_main:
+            export_dual_encoder(engine.module, tokenizer, out_dir, meta)

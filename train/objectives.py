@@ -3,6 +3,10 @@
 Masking happens here, on the device, from a generator seeded by (seed, step, rank, micro-step): a
 resumed run draws exactly the masks the uninterrupted run drew, with no RNG state to checkpoint. The
 task of each step is drawn the same way from (seed, step), so every rank trains the same task.
+
+No objective reads a value back from the device except VMLM, which gathers its masked words (their
+number is data-dependent, and the vocabulary projection of every word would cost more than the wait):
+CMR, MRFR and MRC-kl compute on every region and weight by the mask instead of selecting.
 """
 from __future__ import annotations
 
@@ -38,14 +42,15 @@ def mask_generator(device: torch.device, seed: int, step: int, rank: int, micro:
 
 
 def _at_least_one(chosen: torch.Tensor, candidates: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Rows with candidates but nothing chosen get one random candidate, so every sample has a target."""
+    """Rows with candidates but nothing chosen get one random candidate, so every sample has a target.
+
+    Branch-free (no `if empty.any()`), so it never waits on the device; the noise is drawn every time,
+    which keeps the generator's stream the same whatever the batch holds."""
     empty = (chosen.sum(1) == 0) & (candidates.sum(1) > 0)
-    if empty.any():
-        noise = torch.rand(candidates.shape, generator=g, device=candidates.device)
-        pick = (noise * candidates).argmax(1)
-        chosen = chosen.clone()
-        chosen[empty, pick[empty]] = True
-    return chosen
+    noise = torch.rand(candidates.shape, generator=g, device=candidates.device)
+    pick = (noise * candidates).argmax(1)
+    one = torch.nn.functional.one_hot(pick, candidates.shape[1]).bool() & empty[:, None]
+    return chosen | one
 
 
 def mask_words(input_ids, attention_mask, *, prob: float, mask_id: int, vocab_size: int,
@@ -76,17 +81,20 @@ class Objectives:
         self.mask_id, self.vocab_size = tokenizer.mask_token_id, len(tokenizer)
         self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)))
 
-    def __call__(self, task: str, batch: dict, g: torch.Generator | None) -> torch.Tensor:
+    def __call__(self, task: str, batch: dict, g: torch.Generator | None, sizes: list[int] | None = None) -> torch.Tensor:
+        if task == "cmr":
+            return self.cmr(batch, g, sizes=sizes)
         return getattr(self, task)(batch, g)
 
-    def cmr(self, batch: dict, g=None) -> torch.Tensor:
-        """Contrastive loss over the global batch: every rank's texts against every rank's images."""
+    def cmr(self, batch: dict, g=None, sizes: list[int] | None = None) -> torch.Tensor:
+        """Contrastive loss over the global batch: every rank's texts against every rank's images.
+        `sizes`: every rank's local batch size, when the caller knows them (else the loss asks)."""
         m = self.model
         text, image, scale = m(batch["input_ids"], batch["attention_mask"], batch["img_feat"], batch["img_pos"],
                                batch["img_mask"])
         self.last_scale = None if scale is None else scale.detach()
         return kernels.global_contrastive_loss(text, image, scale, group_ids=batch["group_ids"],
-                                               impl=m.contrastive.impl)
+                                               impl=m.contrastive.impl, sizes=sizes)
 
     def vmlm(self, batch: dict, g: torch.Generator) -> torch.Tensor:
         """Masked words predicted from z_m + h_0 (masked text states plus the image's [CLS])."""
@@ -101,24 +109,33 @@ class Objectives:
         return F.cross_entropy(logits.float(), labels[chosen])
 
     def _smrm(self, batch: dict, g: torch.Generator):
-        """Outputs at masked regions of h_m + z_0, with the chosen mask."""
+        """h_m + z_0 at every region [B, N, H] (masked regions' features zeroed), and the chosen mask."""
         m = self.model
         chosen = mask_regions(batch["img_mask"], prob=self.mask_prob, g=g)
         feat = batch["img_feat"].masked_fill(chosen[..., None], 0.0)
         h_m = m.image_states(feat, batch["img_pos"], batch["img_mask"])[:, 1:]
         z_0 = m.text_states(batch["input_ids"], batch["attention_mask"])[:, :1]
-        return (h_m + z_0)[chosen], chosen
+        return h_m + z_0, chosen
+
+    @staticmethod
+    def _mean_over_chosen(per_region: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """The mean of `per_region` [B, N] over the chosen regions (where, not a product: no NaN leaks in)."""
+        total = torch.where(chosen, per_region, torch.zeros_like(per_region)).sum()
+        return total / chosen.sum().clamp_min(1)
 
     def mrfr(self, batch: dict, g: torch.Generator) -> torch.Tensor:
-        """Masked region feature regression: L2 to the original feature."""
+        """Masked region feature regression: L2 to the original feature, averaged over masked regions."""
         out, chosen = self._smrm(batch, g)
         pred = self.model.pretrain_heads.mrfr(out).float()
-        return F.mse_loss(pred, batch["img_feat"][chosen].float(), reduction="none").sum(-1).mean()
+        per_region = F.mse_loss(pred, batch["img_feat"].float(), reduction="none").sum(-1)
+        return self._mean_over_chosen(per_region, chosen)
 
     def mrckl(self, batch: dict, g: torch.Generator) -> torch.Tensor:
-        """Masked region classification: KL to the detector's (or backbone's) class distribution."""
+        """Masked region classification: KL to the detector's (or backbone's) class distribution,
+        averaged over masked regions."""
         out, chosen = self._smrm(batch, g)
         logp = F.log_softmax(self.model.pretrain_heads.mrc(out).float(), dim=-1)
-        target = batch["img_cls"][chosen].float()
+        target = batch["img_cls"].float()
         target = target / target.sum(-1, keepdim=True).clamp_min(1e-8)
-        return F.kl_div(logp, target, reduction="batchmean")
+        per_region = F.kl_div(logp, target, reduction="none").sum(-1)
+        return self._mean_over_chosen(per_region, chosen)

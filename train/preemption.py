@@ -1,24 +1,22 @@
 """Preemption: SIGUSR1 (Slurm's --signal) or SIGTERM asks for a checkpoint at the next step boundary.
 
-The trainer then exits with EXIT_REQUEUE, the code the Slurm scripts requeue on. Ranks agree through
-an all-reduce, since a signal may reach only some of them.
+The trainer then exits with EXIT_REQUEUE (ldot.errors), the code the Slurm scripts requeue on. A
+signal may reach only some ranks, so they agree every step through a host-side collective on CPU
+tensors (ldot.distributed.DistInfo.any): no rank waits on its GPU to learn the answer.
 """
 from __future__ import annotations
 
 import logging
 import signal
 
-import torch
-import torch.distributed as dist
-
-from ldot.errors import EXIT_REQUEUE  # noqa: F401  (the trainer's exit code after a preemption checkpoint)
+from ldot.distributed import DistInfo
 
 log = logging.getLogger("ldot.preemption")
 
 
 class PreemptionWatch:
-    def __init__(self, device: torch.device, signals=(signal.SIGUSR1, signal.SIGTERM)):
-        self.device = device
+    def __init__(self, dist: DistInfo, signals=(signal.SIGUSR1, signal.SIGTERM)):
+        self.dist = dist
         self.requested = False
         for sig in signals:
             signal.signal(sig, self._handler)
@@ -29,7 +27,4 @@ class PreemptionWatch:
         self.requested = True
 
     def any_rank_requested(self) -> bool:
-        flag = torch.tensor([1 if self.requested else 0], device=self.device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return self.dist.any(self.requested)

@@ -15,7 +15,8 @@ from ldot.train.checkpoint import CheckpointManager
 from ldot.train.config import EngineConfig, LossConfig, ModelConfig, OptimConfig
 from ldot.distributed import init_distributed
 from ldot.train.engine import build_engine
-from ldot.train.loop import export_from_engine, train_step
+from ldot.train.engine import export_from_engine
+from ldot.train.step import train_step
 from ldot.train.model_setup import build_dual_encoder
 from ldot.train.objectives import Objectives
 
@@ -54,10 +55,10 @@ def make(text_encoder, stage, dist, dropout=0.0, grad_checkpointing=False):
 def run_steps(engine, objectives, batches, first_step, dist):
     losses = []
     for i, b in enumerate(batches):
-        loss, _, _ = train_step(engine, objectives, "cmr", iter([local(b, dist.rank, dist.world_size)]),
-                                world=dist.world_size, seed=SEED, step=first_step + i, rank=dist.rank,
-                                device=dist.device, float_dtype=torch.float32)
-        losses.append(loss)
+        stats = train_step(engine, objectives, "cmr", iter([local(b, dist.rank, dist.world_size)]),
+                           world=dist.world_size, seed=SEED, step=first_step + i, rank=dist.rank,
+                           device=dist.device, float_dtype=torch.float32)
+        losses.append(stats.loss.item())
     return losses
 
 

@@ -1,0 +1,175 @@
+"""The training recipe: build data, model, engine, tracker and the parts that keep their own time,
+then run the steps and export the encoders.
+
+    trainer = Trainer(cfg, resume="auto")
+    outcome, path = trainer.train()   # ("finished", export dir) or ("preempted", checkpoint dir)
+
+Each part receives its own config section and decides when it acts: the metrics processor records
+every `tracking.log_every` steps, the validator runs every `eval.every_steps`, the checkpoint manager
+saves every `checkpoint.every_steps`, and the preemption watch answers every step.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ldot.data.loader import TrainLoader
+from ldot.data.schema import read_manifest
+from ldot.distributed import init_distributed
+from ldot.train.checkpoint import CheckpointManager
+from ldot.train.config import TrainConfig, dump_config, to_dict
+from ldot.train.engine import build_engine, export_from_engine
+from ldot.train.errors import ConfigError
+from ldot.train.job_tracking import JobRecord, start_job_tracking
+from ldot.train.metrics import MetricsProcessor
+from ldot.train.model_setup import build_dual_encoder
+from ldot.train.objectives import Objectives, TaskSampler
+from ldot.train.preemption import PreemptionWatch
+from ldot.train.step import train_step
+from ldot.train.validator import Validator
+
+log = logging.getLogger("ldot.train")
+
+PRECISION = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: str | None = None):
+        self.cfg = cfg
+        self.dist = dist = init_distributed()
+        # First, so that a preemption signal during the minutes of set-up below is not fatal: it is
+        # honoured at the first step boundary.
+        self.preemption = PreemptionWatch(dist)
+        torch.manual_seed(cfg.seed)  # same initial weights on every rank
+        self.out = out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.max_steps = cfg.optim.max_steps
+
+        # data and model
+        manifest = read_manifest(cfg.data.train)
+        pretrain = cfg.task == "pretrain"
+        ratios = cfg.pretrain.ratios() if pretrain else {"cmr": 1.0}
+        num_classes = manifest.class_dim or 0
+        if ratios.get("mrckl", 0) > 0 and not num_classes:
+            raise ConfigError(f"{cfg.data.train} has no class distributions (cls.npy) for MRC-kl: set pretrain.mrckl=0")
+        self.tokenizer, model = build_dual_encoder(cfg.model, cfg.loss, feature_dim=manifest.feature_dim,
+                                                   pretrain=pretrain, num_classes=num_classes)
+        model.to(dist.device)
+        self.engine, ds_config = build_engine(model, cfg.optim, cfg.engine, cfg.data.batch_size)
+        self.loader = TrainLoader(cfg.data.train, self.tokenizer,
+                                  batch_size=None if cfg.data.token_budget else cfg.data.batch_size,
+                                  token_budget=cfg.data.token_budget, max_text_len=cfg.data.max_text_len,
+                                  seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
+                                  num_workers=cfg.data.num_workers, on_error=cfg.data.on_error,
+                                  with_cls=ratios.get("mrckl", 0) > 0)
+        self.objectives = Objectives(self.engine.module, self.tokenizer, mask_prob=cfg.pretrain.mask_prob)
+        self.tasks = TaskSampler(ratios, cfg.seed)
+        self.float_dtype = PRECISION[cfg.engine.precision]
+        self.export_meta = {"feature_dim": manifest.feature_dim, "max_text_len": cfg.data.max_text_len}
+
+        # resume
+        self.checkpoints = CheckpointManager(out / "checkpoints", cfg.checkpoint.keep_last, dist.rank,
+                                             every_steps=cfg.checkpoint.every_steps, max_steps=self.max_steps)
+        tag = self.checkpoints.resolve(resume)
+        trainer_state: dict = {}
+        self.start_step = 0
+        if tag is not None:
+            trainer_state, loader_state = self.checkpoints.load(self.engine, tag)
+            self.loader.load_state_dict(loader_state)
+            self.start_step = trainer_state["step"]
+            log.info("resumed from %s at step %d", self.checkpoints.dir / tag, self.start_step)
+
+        # records: rank 0 starts (or continues) the run; the other ranks record only their system metrics
+        if dist.is_main:
+            dump_config(cfg, out / "config.yaml")
+        job = JobRecord(config=to_dict(cfg), task=cfg.task, ds_config=ds_config,
+                        deepspeed_source=Path(cfg.engine.deepspeed_config),
+                        datasets={"train": cfg.data.train, "val": cfg.data.val},
+                        num_train_images=manifest.num_samples, world_size=dist.world_size)
+        self.tracker = start_job_tracking(cfg.tracking, out, dist, job, hold_metrics=bool(cfg.checkpoint.every_steps),
+                                          resuming=tag is not None)
+        if tag is not None:
+            self.tracker.replay(trainer_state.get("records", []))
+        self.metrics = MetricsProcessor(cfg.tracking, self.tracker, world=dist.world_size, max_steps=self.max_steps,
+                                        start_step=self.start_step, is_main=dist.is_main)
+        self.metrics.load_state_dict(trainer_state.get("metrics"))
+        self.validator = None
+        if cfg.eval.every_steps:
+            self.validator = Validator(cfg.eval, cfg.data.val, self.tokenizer, max_text_len=cfg.data.max_text_len,
+                                       best_dir=out / "checkpoints" / "best", export_meta=self.export_meta,
+                                       max_steps=self.max_steps, is_main=dist.is_main)
+            self.validator.load_state_dict(trainer_state)
+
+    def rank_sizes(self, local: int) -> list[int]:
+        """Every rank's pairs this micro-step, for CMR's gather: known on the host for fixed batches, else
+        exchanged on the host (token budgets make local batch sizes differ)."""
+        if not self.cfg.data.token_budget:
+            return [local] * self.dist.world_size
+        return self.dist.all_gather_int(local)
+
+    def train(self) -> tuple[str, Path]:
+        batches = iter(self.loader)
+        status = "FAILED"
+        try:
+            for step in range(self.start_step + 1, self.max_steps + 1):
+                self.step(step, batches)
+                # Metrics are sent after the checkpoint that covers them: a crash before it loses them with
+                # the steps, which the resumed run retrains and records once; a crash after it is mended
+                # by the replay of the records the checkpoint holds.
+                if self.preemption.any_rank_requested():
+                    return "preempted", self.preempt(step)
+                if self.checkpoints.due(step):
+                    self.save(step)
+                    self.tracker.flush()
+            status = "FINISHED"
+        finally:
+            self.metrics.close()
+            skipped = getattr(self.loader, "skipped", None) or {}
+            if skipped:
+                self.tracker.log_metrics({f"skipped/{k}": v for k, v in skipped.items()}, self.max_steps)
+            if status != "FINISHED":
+                self.tracker.finish(status)
+        return "finished", self.finish()
+
+    def step(self, step: int, batches) -> None:
+        """One optimizer step of the step's task, then whatever of recording and validation is due."""
+        task = self.tasks.task_for(step)
+        stats = train_step(self.engine, self.objectives, task, batches, world=self.dist.world_size,
+                           seed=self.cfg.seed, step=step, rank=self.dist.rank, device=self.dist.device,
+                           float_dtype=self.float_dtype, rank_sizes=self.rank_sizes)
+        self.metrics.record(step, task, stats, self.engine, self.objectives.last_scale if task == "cmr" else None)
+        if self.validator:
+            self.validator.maybe_run(self.engine, step, self.tracker)
+
+    def save(self, step: int) -> Path:
+        # The step records since the last checkpoint travel with it: a crash after the save but before
+        # they reach MLflow is mended by the replay on resume.
+        state = {"step": step, "config": to_dict(self.cfg), "records": self.tracker.pending(),
+                 "metrics": self.metrics.state_dict(), **(self.validator.state_dict() if self.validator else {})}
+        return self.checkpoints.save(self.engine, step, state, self.loader.state_dict())
+
+    def preempt(self, step: int) -> Path:
+        path = self.save(step)
+        self.tracker.finish("KILLED")
+        log.warning("preempted: checkpoint %s written at step %d", path, step)
+        torch.distributed.barrier()  # leave together: a launcher may stop the others at the first exit
+        return path
+
+    def finish(self) -> Path:
+        final = self.out / "checkpoints" / "final"
+        export_from_engine(self.engine, self.tokenizer, final, {**self.export_meta, "steps": self.max_steps},
+                           self.dist.is_main)
+        if self.dist.is_main:
+            self.tracker.write_info(final)
+            dump_config(self.cfg, final / "config.yaml")
+            self.tracker.set_tags({"ldot.checkpoint": str(final.resolve())})
+        self.tracker.finish("FINISHED")
+        torch.distributed.barrier()
+        return final
+
+
+def train(cfg: TrainConfig, resume: str | None = None) -> tuple[str, Path]:
+    """Runs the configured job. Returns ("finished", export dir) or ("preempted", checkpoint dir)."""
+    return Trainer(cfg, resume).train()
