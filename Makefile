@@ -10,7 +10,7 @@ NPROC    ?= 2
 TORCH    ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lock clean
+.PHONY: setup demo test test-fast test-torchrun test-mlflow test-slurm lock clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,22 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# One tier at a time (markers: pyproject.toml; slurm and mlflow_server are applied by tests/conftest.py).
+# `make test` above runs every tier; CI calls it.
+FAST_TIER := not torchrun and not mlflow_server and not slurm and not slow
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "$(FAST_TIER)" $(PYTEST_ARGS)
+
+test-torchrun: setup
+	$(BIN)/python -m pytest -m torchrun $(PYTEST_ARGS)
+
+test-mlflow: setup
+	$(BIN)/python -m pytest -m mlflow_server $(PYTEST_ARGS)
+
+test-slurm: setup
+	$(BIN)/python -m pytest -m slurm $(PYTEST_ARGS)
 
 # Re-resolve the lock after changing dependencies in pyproject.toml.
 lock: setup

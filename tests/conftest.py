@@ -26,6 +26,25 @@ def _marked() -> dict[tuple[int, float], psutil.Process]:
     return found
 
 
+# Test tiers, each run by its own make target (make test runs them all):
+#   slurm          tests using the slurm_cluster fixture: jobs on a real Slurm cluster
+#   mlflow_server  tests using the mlflow_server fixture: a real `mlflow server` process
+#   torchrun       marked by hand (@pytest.mark.torchrun): multi-process DeepSpeed jobs under torchrun
+#   the rest       the fast tier; `slow` marks those of it too slow for `make test-fast`
+# By fixture, not by folder: tests/slurm also holds unit tests of slurm/ (its argument checks, the launch
+# wrapper under a faked two-node layout) that need no cluster and belong with the fast ones.
+# A test can be in two tiers (a torchrun job against an MLflow server); each tier's target runs it.
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        if "slurm_cluster" in fixtures:
+            item.add_marker(pytest.mark.slurm)
+        if "mlflow_server" in fixtures:
+            item.add_marker(pytest.mark.mlflow_server)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item):
     """After a test's body, kill what it started and left running (fixtures' servers started before)."""

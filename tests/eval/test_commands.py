@@ -183,6 +183,7 @@ def test_mine_writes_each_querys_top_non_matches(tmp_path, tiny_checkpoint, embe
     assert capsys.readouterr().err.strip() == "error: --k must be positive, not 0"
 
 
+@pytest.mark.torchrun
 def test_mine_under_two_ranks_writes_what_one_process_writes(tmp_path, tiny_checkpoint, test_split_dir):
     """torchrun, 2 gloo ranks: each encodes and searches half the split; the files equal the 1-process ones."""
     import os

@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.torchrun
 STEPS_RECORDS, STEPS_OUTAGE = 8, 40
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.torchrun
 
 
 def test_bf16_pretraining_runs_every_task(tmp_path, tiny_text_encoder):

@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 STEPS = 30
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.torchrun
 
 
 def _cmd(out, data, text_encoder, *extra):

@@ -18,7 +18,7 @@ TORCHRUN = Path(sys.executable).parent / "torchrun"
 # (softmax is shift-invariant) so Adam turns rounding noise into updates of that size.
 LOSS_TOL, WEIGHT_TOL = 1e-5, 1e-5
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.torchrun
 
 
 def torchrun(nproc, *args, timeout=600):

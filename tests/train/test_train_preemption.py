@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.torchrun
 
 
 def test_sigusr1_checkpoints_exits_75_and_resumes(tmp_path, tiny_shards, tiny_text_encoder):
