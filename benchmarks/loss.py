@@ -27,11 +27,9 @@ import torch
 
 from ldot.kernels import contrastive_loss, contrastive_loss_reference, materialized_contrastive_loss  # noqa: E402
 
-from results import RESULTS, append_run  # noqa: E402
+from results import RESULTS, append_run, bf16_peak_tflops  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# Dense bf16 Tensor Core peaks from the datasheets (TFLOP/s), by device name fragment.
-BF16_PEAK = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L4": 121.0, "A10": 125.0}
 
 
 def _inputs(n: int, d: int, dtype: torch.dtype, device: str, seed: int = 0):
@@ -181,7 +179,7 @@ def _bf16_peak(device: str) -> tuple[float | None, float | None]:
     if device != "cuda":
         return None, None
     name = torch.cuda.get_device_name(0)
-    sheet = next((v for k, v in BF16_PEAK.items() if k in name), None)
+    sheet = bf16_peak_tflops(name)
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     ms = _time_cuda(lambda: a @ b, 200)

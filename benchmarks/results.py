@@ -8,6 +8,15 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
+# Dense bf16 Tensor Core peaks from the datasheets, in TFLOP/s, by device name fragment (H200 has the
+# H100's compute with faster memory).
+BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L4": 121.0, "A10": 125.0}
+
+
+def bf16_peak_tflops(device_name: str) -> float | None:
+    """The datasheet bf16 peak of a GPU named `device_name`, None when it is not in the table."""
+    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in device_name), None)
+
 
 def device(gpu: bool = True) -> str:
     """The GPU's name when torch sees one (and `gpu`), else the CPU model and core count; with torch's

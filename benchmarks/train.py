@@ -25,14 +25,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-from results import append_run  # noqa: E402
+from results import append_run, bf16_peak_tflops  # noqa: E402
 
 SIZES = {
     # hidden, layers, heads, ffn, vocab, image layers, feature dim, regions, text tokens
     "demo": dict(hidden=384, layers=6, heads=12, ffn=1536, vocab=30522, image_layers=2, feat=1280, regions=49, text=24),
     "paper": dict(hidden=768, layers=12, heads=12, ffn=3072, vocab=28996, image_layers=12, feat=2048, regions=36, text=32),
 }
-BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 Tensor Core, datasheet
 
 
 def model_flops_per_pair(s: dict) -> float:
@@ -231,7 +230,8 @@ def main() -> None:
         rows = json.loads(result.read_text())
 
     s, name = SIZES[args.size], device_name(device)
-    peak = next((v for k, v in BF16_PEAK.items() if k in name), None) if device == "cuda" else None
+    peak_tflops = bf16_peak_tflops(name) if device == "cuda" else None
+    peak = peak_tflops * 1e12 if peak_tflops else None
     base = next(r["samples_per_s"] for r in rows if r["engine"] == "ddp") if any(r["engine"] == "ddp" for r in rows) else None
     flops = model_flops_per_pair(s)
     head = "| engine | samples/s | vs DDP | model TFLOP/s | MFU (bf16 peak) | peak GiB | activations MiB/rank |"
