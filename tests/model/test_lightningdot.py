@@ -420,8 +420,9 @@ def test_released_files_to_a_recall_table(tmp_path):
     np.testing.assert_allclose(txt, ref_txt.numpy(), rtol=1e-4, atol=1e-4)
     # boxes: the shards keep x1..y2 and w, h are recomputed from them, where the db stored float16 w, h
     np.testing.assert_allclose(img, ref_img, rtol=0, atol=5e-3 * np.abs(ref_img).max())
-    ref_recall = retrieval_recall(ref_txt.numpy() @ ref_img.T, split.caption_image, ks=(1, 2, 3))
-    assert rec["recall"] == pytest.approx(ref_recall, abs=1e-9)
+    # the table is that of these embeddings (the original's scores differ by the w, h above: near-ties of
+    # this tiny random model may rank the other way there)
+    assert rec["recall"] == pytest.approx(retrieval_recall(txt @ img.T, split.caption_image, ks=(1, 2, 3)), abs=1e-9)
 
 
 def test_trainer_starts_from_uniter_and_bert_files(tmp_path, monkeypatch):
