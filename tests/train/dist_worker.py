@@ -3,8 +3,10 @@
 Every rank builds the same global batches from a seed and trains on its own slice of each, through the
 trainer's own pieces (build_dual_encoder, build_engine, Objectives, train_step, CheckpointManager).
 
-  equivalence OUT TEXT_ENCODER          ZeRO-2, 5 CMR steps on a 16-pair global batch split over the ranks
-  resume OUT TEXT_ENCODER CKPT_DIR      per ZeRO stage 1, 2, 3: 4 steps straight vs 2 + save + reload + 2
+  equivalence OUT TEXT_ENCODER          ZeRO-2, 5 CMR steps on a 16-pair global batch split over the ranks;
+                                        each step's full gradients (before clipping) and global grad norm
+  resume OUT TEXT_ENCODER CKPT_DIR      per ZeRO stage 1, 2, 3, dropout on: 4 steps straight vs 2 + save +
+                                        reload + 2
   checkpointing OUT TEXT_ENCODER        ZeRO-3, 3 steps with dropout, without and with activation checkpointing
 """
 import sys
@@ -62,6 +64,23 @@ def run_steps(engine, objectives, batches, first_step, dist):
     return losses
 
 
+def capture_gradients(engine, into):
+    """Records every parameter's full gradient of each step, after the backward and before the step (so
+    before clipping and the optimizer), by wrapping the engine's own step. Under ZeRO the gradients are
+    partitioned: DeepSpeed's safe_get_full_grad assembles them (a collective: every rank calls it)."""
+    from deepspeed.utils import safe_get_full_grad
+
+    step = engine.step
+
+    def step_capturing(*args, **kwargs):
+        if engine.is_gradient_accumulation_boundary():
+            into.append({name: safe_get_full_grad(p).detach().clone().cpu()
+                         for name, p in engine.module.named_parameters()})
+        return step(*args, **kwargs)
+
+    engine.step = step_capturing
+
+
 def full_weights(engine, tok, tmp, dist):
     """The whole model's weights on rank 0 (gathered under ZeRO-3), via the trainer's export."""
     import deepspeed
@@ -78,21 +97,32 @@ def main():
     result = {}
     if mode == "equivalence":
         tok, engine, obj = make(text_encoder, 2, dist)
-        result["losses"] = run_steps(engine, obj, global_batches(tok, 5), 1, dist)
+        result["grads"], result["grad_norms"] = [], []
+        capture_gradients(engine, result["grads"])
+        result["losses"] = []
+        for i, batch in enumerate(global_batches(tok, 5)):
+            result["losses"] += run_steps(engine, obj, [batch], 1 + i, dist)
+            result["grad_norms"].append(float(engine.get_global_grad_norm()))  # DeepSpeed's, before clipping
         result["weights"] = full_weights(engine, tok, None, dist)
     elif mode == "resume":
         ckpt_dir = sys.argv[4]
+        # Dropout on: steps 3-4 after the reload draw the same dropout masks as the straight run's only
+        # if the checkpoint restores each rank's RNG streams (with dropout 0 a checkpoint without them
+        # resumed exactly too).
         for stage in (1, 2, 3):
-            tok, engine, obj = make(text_encoder, stage, dist)
+            tok, engine, obj = make(text_encoder, stage, dist, dropout=0.1)
+            torch.manual_seed(100 + dist.rank)  # each rank's own stream, as each rank's own file must restore
             batches = global_batches(tok, 4)
             straight = run_steps(engine, obj, batches, 1, dist)
             w_straight = full_weights(engine, tok, None, dist)
 
-            tok, engine, obj = make(text_encoder, stage, dist)
+            tok, engine, obj = make(text_encoder, stage, dist, dropout=0.1)
+            torch.manual_seed(100 + dist.rank)
             first = run_steps(engine, obj, batches[:2], 1, dist)
             mgr = CheckpointManager(f"{ckpt_dir}/zero{stage}", keep_last=1, rank=dist.rank)
             mgr.save(engine, 2, {"step": 2}, {"position": 2})
-            tok, engine, obj = make(text_encoder, stage, dist)  # a fresh engine, as after a restart
+            # a fresh engine, as after a restart (the trainer seeds, then builds the model, then loads)
+            tok, engine, obj = make(text_encoder, stage, dist, dropout=0.1)
             trainer_state, loader_state = mgr.load(engine, mgr.resolve("auto"))
             second = run_steps(engine, obj, batches[2:], 3, dist)
             result[stage] = {"straight": straight, "resumed": first + second, "state": trainer_state,
