@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from ldot.data import schema, synth
 from ldot.data.reader import ErrorPolicy, read_shard
@@ -78,6 +79,7 @@ def test_deterministic_given_seed(tmp_path, synth_dir):
     assert [s["json"]["captions"] for s in metas(other / "train")] != [s["json"]["captions"] for s in metas(synth_dir / "train")[:8]]
 
 
+@pytest.mark.slow  # a subprocess loading torch and EfficientNet; the tiny_shards fixture runs the same command
 def test_command_line(tmp_path):
     out = tmp_path / "cli"
     r = subprocess.run([sys.executable, "-m", "ldot.data", "synth", "--out", str(out), "--images", "8", "--test-images", "4"],

@@ -64,6 +64,7 @@ def test_recall_command_table_files_pictures_full_setting_and_rerank(tmp_path, t
             assert im.width > 400 and im.height > 200
 
 
+@pytest.mark.slow  # a fresh MLflow sqlite store (its schema migrations) and the full recall command: ~10 s
 def test_recall_command_records_in_the_training_run(tmp_path, tiny_checkpoint, tiny_shards):
     import shutil
 

@@ -71,6 +71,7 @@ def _sharded_worker(rank, world, port, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes, each importing torch
 def test_pool_split_across_two_real_ranks(tmp_path):
     """Two gloo processes each search half of both pools; the merged TopK is the single-process one."""
     import socket

@@ -213,6 +213,7 @@ def test_import_reproduces_the_original_embeddings(tmp_path, layout, dtype):
     torch.testing.assert_close(got_t @ got_i.T, ref_t @ ref_i.T, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.slow  # the import and recall commands as subprocesses: ~15 s
 def test_import_command_and_recall_take_the_export(tmp_path):
     vocab = write_vocab(tmp_path / "vocab.txt")
     ckpt = save_finetuned_layout(bi_encoder(vocab_size()), tmp_path / "coco-ft.pt", torch.float16)
