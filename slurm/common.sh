@@ -1,12 +1,16 @@
-# Shared by slurm/*.sbatch (sourced, never run): reads the site settings, names the job's log and
-# output directories, runs a command on the job's tasks through slurm/launch.sh, and turns the
-# trainer's exit 75 (preempted, checkpoint written) into a requeue of the job.
+# Shared by slurm/*.sbatch and slurm/submit (sourced, never run). Only what must run in the batch
+# shell lives here: the site file, modules and the Python environment, the signal traps, srun and
+# `scontrol requeue`. What a job decides (its arguments, ${LDOT_DATA_ROOT}, the checks, its names and
+# directories, whether to requeue) is Python, tested on its own: slurm/job.py, called as
+# `$LDOT_PYTHON -m ldot.slurm VERB` (slurm/__main__.py) through ldot_py below.
 #
 # The sbatch scripts only find nodes and launch: every hyperparameter lives in train/configs/*.yaml
 # and in the key=value overrides given on the command line (or in a sweep file).
 
+# The exit codes of ldot.errors (EXIT_BAD_INPUT, EXIT_REQUEUE); tests/slurm/test_job.py checks that
+# they agree. Bash keeps a copy because it must exit 2 before any Python is found.
 LDOT_EXIT_BAD_INPUT=2   # bad config/data/site settings: fail, never requeue
-LDOT_EXIT_PREEMPTED=75  # the trainer's "checkpoint written, run me again with --resume auto"
+LDOT_EXIT_REQUEUE=75    # the trainer's "checkpoint written, run me again with --resume auto"
 
 ldot_log() {
     local line
@@ -19,7 +23,7 @@ ldot_die() {  # ldot_die CODE MESSAGE
     local code=$1
     shift
     echo "ldot-slurm: error: $*" >&2
-    if [[ -n ${LDOT_LOG_DIR:-} && -d $LDOT_LOG_DIR ]]; then echo "error: $*" >>"$LDOT_LOG_DIR/job.log"; fi
+    if [[ -n ${LDOT_LOG_DIR:-} && -d $LDOT_LOG_DIR ]]; then echo "[$(date '+%F %T')] error: $*" >>"$LDOT_LOG_DIR/job.log"; fi
     exit "$code"
 }
 
@@ -42,17 +46,16 @@ ldot_load_site_env() {
     for name in "${!keep[@]}"; do export "$name=${keep[$name]}"; done
 }
 
-# Everything a job needs before its first step: site settings, modules, the Python environment,
-# the job's tag (name-id, or name-arrayid_index) and its log directory.
-ldot_setup() {
-    cd "$LDOT_ROOT" || ldot_die $LDOT_EXIT_BAD_INPUT "cannot enter the checkout $LDOT_ROOT"
-    ldot_load_site_env
-
+# ldot_python_env [--modules-if-any]: LDOT_MODULES loaded, LDOT_ACTIVATE run, LDOT_PYTHON found and
+# exported. slurm/submit passes --modules-if-any: a login node without `module` may still submit.
+ldot_python_env() {
     if [[ -n ${LDOT_MODULES:-} ]]; then
-        type module >/dev/null 2>&1 || ldot_die $LDOT_EXIT_BAD_INPUT \
-            "LDOT_MODULES='$LDOT_MODULES' is set but this node has no 'module' command"
-        # shellcheck disable=SC2086
-        module load $LDOT_MODULES || ldot_die $LDOT_EXIT_BAD_INPUT "module load $LDOT_MODULES failed"
+        if type module >/dev/null 2>&1; then
+            # shellcheck disable=SC2086
+            module load $LDOT_MODULES || ldot_die $LDOT_EXIT_BAD_INPUT "module load $LDOT_MODULES failed"
+        elif [[ ${1:-} != --modules-if-any ]]; then
+            ldot_die $LDOT_EXIT_BAD_INPUT "LDOT_MODULES='$LDOT_MODULES' is set but this node has no 'module' command"
+        fi
     fi
     if [[ -n ${LDOT_ACTIVATE:-} ]]; then
         eval "$LDOT_ACTIVATE" || ldot_die $LDOT_EXIT_BAD_INPUT "LDOT_ACTIVATE failed: $LDOT_ACTIVATE"
@@ -67,26 +70,34 @@ ldot_setup() {
     command -v "$LDOT_PYTHON" >/dev/null || ldot_die $LDOT_EXIT_BAD_INPUT \
         "no Python '$LDOT_PYTHON' on $(hostname): set LDOT_PYTHON or LDOT_ACTIVATE in slurm/site.env"
     export LDOT_PYTHON
+}
 
-    [[ -n ${LDOT_OUTPUT_ROOT:-} ]] || ldot_die $LDOT_EXIT_BAD_INPUT \
-        "LDOT_OUTPUT_ROOT is not set: copy slurm/site.env.example to slurm/site.env and set it (or export it)"
-    LDOT_OUTPUT_ROOT=$(realpath -m "$LDOT_OUTPUT_ROOT")
-    LDOT_LOG_ROOT=$(realpath -m "${LDOT_LOG_ROOT:-$LDOT_OUTPUT_ROOT/logs}")
-    export LDOT_OUTPUT_ROOT LDOT_LOG_ROOT
-    # One store for all of the site's runs, so that a sweep's tasks land in one experiment.
-    export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-sqlite:///$LDOT_OUTPUT_ROOT/mlflow.db}
+# ldot_py VERB [ARGS...]: runs `$LDOT_PYTHON -m ldot.slurm VERB --env-file F ARGS` and sources F, so
+# the verb's answers become shell variables (values quoted by Python's shlex.quote). Its stdout lines
+# go to job.log; a refusal ends the job with the verb's one-line message, in job.log too.
+ldot_py() {
+    local verb=$1 out rc=0 line
+    shift
+    : >"$LDOT_ENV_FILE"
+    out=$("$LDOT_PYTHON" -m ldot.slurm "$verb" --env-file "$LDOT_ENV_FILE" "$@") || rc=$?
+    LDOT_ERROR=""
+    # shellcheck disable=SC1090
+    source "$LDOT_ENV_FILE"
+    while IFS= read -r line; do [[ -z $line ]] || ldot_log "$line"; done <<<"$out"
+    ((rc == 0)) || ldot_die "$rc" "${LDOT_ERROR:-python -m ldot.slurm $verb failed (exit $rc), see the .out file of the job}"
+}
 
-    local name=${SLURM_JOB_NAME:-ldot}
-    if [[ -n ${SLURM_ARRAY_JOB_ID:-} ]]; then
-        LDOT_JOB_TAG=$name-${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}
-    else
-        LDOT_JOB_TAG=$name-${SLURM_JOB_ID:?not inside a Slurm job: submit this script with sbatch}
-    fi
-    LDOT_LOG_DIR=$LDOT_LOG_ROOT/$LDOT_JOB_TAG
-    mkdir -p "$LDOT_OUTPUT_ROOT" "$LDOT_LOG_DIR" || ldot_die $LDOT_EXIT_BAD_INPUT \
-        "cannot create $LDOT_OUTPUT_ROOT or $LDOT_LOG_DIR"
-    export LDOT_JOB_TAG LDOT_LOG_DIR
-    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+# Everything a job needs before its first step: site settings, modules, the Python environment, then
+# (ldot.slurm env) its tag (name-id, or name-arrayid_index), output and log directories, the store.
+ldot_setup() {
+    cd "$LDOT_ROOT" || ldot_die $LDOT_EXIT_BAD_INPUT "cannot enter the checkout $LDOT_ROOT"
+    ldot_load_site_env
+    ldot_python_env
+    LDOT_ENV_FILE=$(mktemp "${TMPDIR:-/tmp}/ldot-slurm-env.XXXXXX") || ldot_die $LDOT_EXIT_BAD_INPUT \
+        "cannot create a temporary file in ${TMPDIR:-/tmp}"
+    trap 'rm -f "$LDOT_ENV_FILE"' EXIT
+    # exports LDOT_OUTPUT_ROOT LDOT_LOG_ROOT LDOT_JOB_TAG LDOT_LOG_DIR MLFLOW_TRACKING_URI OMP_NUM_THREADS
+    ldot_py env
 
     trap _ldot_on_usr1 USR1
     trap _ldot_on_term TERM
@@ -149,116 +160,67 @@ ldot_step() {
     ldot_log "step $name: exit $rc"
 }
 
-# -- requeue -----------------------------------------------------------------------------------
-# After exit 75 the job requeues itself; the requeued job (same id, same output directory,
-# SLURM_RESTART_COUNT+1) trains with --resume auto. LDOT_MAX_REQUEUES (default 20) stops loops.
-ldot_requeue_or_exit() {
-    local restarts=${SLURM_RESTART_COUNT:-0} max=${LDOT_MAX_REQUEUES:-20}
-    if [[ $LDOT_TERMINATING == 1 ]]; then
-        ldot_log "not requeued by the script: the job was cancelled or Slurm requeues it itself"
-        exit $LDOT_EXIT_PREEMPTED
-    fi
-    if ((restarts >= max)); then
-        ldot_log "not requeued: restart $restarts reached LDOT_MAX_REQUEUES=$max" \
-            "(the newest checkpoint stays in ${LDOT_RUN_DIR:-the output directory})"
-        exit $LDOT_EXIT_PREEMPTED
-    fi
-    # Said first: Slurm ends this script as part of the requeue, possibly before the next line runs.
-    ldot_log "requeueing (restart $((restarts + 1)) of at most $max); it continues with --resume auto"
-    LDOT_REQUEUEING=1
-    if ! scontrol requeue "$SLURM_JOB_ID"; then
-        ldot_log "scontrol requeue $SLURM_JOB_ID failed: resubmit the job to continue"
-        exit $LDOT_EXIT_PREEMPTED
-    fi
-    exit 0
-}
-
 # -- training jobs -----------------------------------------------------------------------------
-# ldot_expand ARG: ${LDOT_DATA_ROOT} and ${LDOT_OUTPUT_ROOT} in an override (or sweep line) become
-# the site's roots, so one command line or sweep file serves every site.
-ldot_expand() {
-    local arg=$1 var
-    for var in LDOT_DATA_ROOT LDOT_OUTPUT_ROOT; do
-        if [[ $arg == *"\${$var}"* || $arg == *"\$$var"* ]]; then
-            [[ -n ${!var:-} ]] || ldot_die $LDOT_EXIT_BAD_INPUT "'$arg' uses \$$var, which is not set (slurm/site.env)"
-            arg=${arg//"\${$var}"/${!var}}
-            arg=${arg//"\$$var"/${!var}}
-        fi
-    done
-    printf '%s' "$arg"
+
+# ldot_after_training EXIT_CODE|none: carries out job.decide's answer. A requeued job (same id, same
+# output directory, SLURM_RESTART_COUNT+1) trains with --resume auto.
+ldot_after_training() {
+    ldot_py decide --exit-code "$1" --usr1 "$LDOT_PREEMPT_REQUESTED" --term "$LDOT_TERMINATING"
+    case $LDOT_DECISION in
+        continue) return 0 ;;
+        requeue)
+            # (the decision's line is in job.log already: Slurm ends this script as part of the requeue)
+            LDOT_REQUEUEING=1
+            if ! scontrol requeue "$SLURM_JOB_ID"; then
+                ldot_log "scontrol requeue $SLURM_JOB_ID failed: resubmit the job to continue"
+                exit $LDOT_EXIT_REQUEUE
+            fi
+            exit 0 ;;
+        *)
+            if [[ $LDOT_DECISION_CODE != "$LDOT_EXIT_REQUEUE" ]]; then
+                ldot_log "see $LDOT_LOG_DIR/train.*.log"
+                ldot_fail_run
+            fi
+            exit "$LDOT_DECISION_CODE" ;;
+    esac
 }
 
-# ldot_train_job DEFAULT_CONFIG [--eval DIR] [CONFIG] [key=value ...]
-# Checks the config, trains on all tasks (resuming after a requeue), then evaluates recall on one task
-# when an evaluation set is known (--eval DIR, else the config's data.val).
+# The job failed after its run started: its MLflow run says FAILED, not FINISHED or RUNNING.
+ldot_fail_run() {
+    local out
+    out=$("$LDOT_PYTHON" -m ldot.slurm fail-run "$LDOT_RUN_DIR") || true
+    [[ -z $out ]] || ldot_log "$out"
+}
+
+# ldot_train_job KIND [SWEEP_FILE] [--eval DIR] [CONFIG] [key=value ...] (KIND: pretrain, finetune,
+# sweep): checks every path the job needs before any task starts, trains on all tasks (resuming after
+# a requeue), then evaluates recall on all tasks when an evaluation set is known (--eval DIR, else
+# the config's data.val).
 ldot_train_job() {
-    local config=$1 eval_data=""
-    shift
-    while [[ $# -gt 0 && $1 == --* ]]; do
-        case $1 in
-            --eval) [[ $# -ge 2 ]] || ldot_die $LDOT_EXIT_BAD_INPUT "--eval needs a dataset directory"
-                    eval_data=$(ldot_expand "$2"); shift 2 ;;
-            --eval=*) eval_data=$(ldot_expand "${1#--eval=}"); shift ;;
-            *) ldot_die $LDOT_EXIT_BAD_INPUT "unknown option $1 (options: --eval DIR; then CONFIG and key=value overrides)" ;;
-        esac
-    done
-    if [[ $# -gt 0 && $1 != *=* ]]; then config=$1; shift; fi
-    [[ -f $config ]] || ldot_die $LDOT_EXIT_BAD_INPUT "config not found: $config (paths are relative to the checkout $LDOT_ROOT)"
-
-    # The job's own defaults come first, so that the user's overrides win over them.
-    local -a overrides=("output_dir=$LDOT_OUTPUT_ROOT/$LDOT_JOB_TAG" "tracking.run_name=$LDOT_JOB_TAG")
-    local arg
-    for arg in "$@"; do overrides+=("$(ldot_expand "$arg")"); done
-
-    local key value run_dir="" val=""
-    local prep
-    prep=$("$LDOT_PYTHON" "$LDOT_ROOT/slurm/prepare_run.py" --config "$config" "${overrides[@]}") \
-        || ldot_die $LDOT_EXIT_BAD_INPUT "the job's configuration was rejected (message above); not requeued"
-    while IFS='=' read -r key value; do
-        case $key in
-            output_dir) run_dir=$value ;;
-            val) val=$value ;;
-            *) ldot_log "$key: $value" ;;
-        esac
-    done <<<"$prep"
-    LDOT_RUN_DIR=$run_dir
-    export LDOT_RUN_DIR
-    ldot_log "config $config; outputs in $run_dir"
-    eval_data=${eval_data:-$val}
-
-    local restarts=${SLURM_RESTART_COUNT:-0}
-    if ((restarts > 0)) && [[ -f $run_dir/checkpoints/final/mlflow_run.json ]]; then
-        ldot_log "restart $restarts: training had finished (checkpoints/final exists); not training again"
+    # sets LDOT_RUN_DIR, LDOT_EVAL_DATA, LDOT_TRAINED, LDOT_TRAIN_ARGS (and for a sweep LDOT_SWEEP)
+    ldot_py train "$@"
+    if [[ $LDOT_TRAINED == 1 ]]; then
+        ldot_log "restart ${SLURM_RESTART_COUNT:-0}: training had finished (checkpoints/final exists); not training again"
+    elif [[ $LDOT_PREEMPT_REQUESTED == 1 ]]; then
+        ldot_after_training none
     else
-        if [[ $LDOT_PREEMPT_REQUESTED == 1 ]]; then
-            ldot_log "SIGUSR1 came before training started: requeueing without starting it"
-            ldot_requeue_or_exit
-        fi
-        # `auto` is a fresh start in a new output directory and a resume after a requeue.
         LDOT_STEP_FORWARDS_USR1=1
-        ldot_step train all "$LDOT_PYTHON" -m ldot.train --config "$config" "${overrides[@]}" --resume "${LDOT_RESUME:-auto}"
+        ldot_step train all "$LDOT_PYTHON" -m ldot.train "${LDOT_TRAIN_ARGS[@]}"
         LDOT_STEP_FORWARDS_USR1=0
-        case $LDOT_STEP_RC in
-            0) ;;
-            "$LDOT_EXIT_PREEMPTED") ldot_requeue_or_exit ;;
-            *)
-                # A USR1 that lands before the trainer has installed its handler kills the task: the
-                # job was still preempted, and the newest checkpoint (if any) is where it resumes.
-                if [[ $LDOT_PREEMPT_REQUESTED == 1 && $LDOT_TERMINATING == 0 ]]; then
-                    ldot_log "training ended with exit $LDOT_STEP_RC after SIGUSR1: treated as preempted"
-                    ldot_requeue_or_exit
-                fi
-                ldot_log "training failed (exit $LDOT_STEP_RC): not requeued; see $LDOT_LOG_DIR/train.*.log"
-                exit "$LDOT_STEP_RC" ;;
-        esac
+        ldot_after_training "$LDOT_STEP_RC"
     fi
 
-    if [[ -z $eval_data ]]; then
+    if [[ -z $LDOT_EVAL_DATA ]]; then
         ldot_log "no evaluation set (--eval DIR or data.val): done"
         return 0
     fi
     # every task encodes and searches a slice of the evaluation set; task 0 writes and records
-    ldot_step eval all "$LDOT_PYTHON" -m ldot.eval recall --checkpoint "$run_dir/checkpoints/final" --data "$eval_data"
-    [[ $LDOT_STEP_RC == 0 ]] || { ldot_log "evaluation failed (exit $LDOT_STEP_RC); see $LDOT_LOG_DIR/eval.0.log"; exit "$LDOT_STEP_RC"; }
-    ldot_log "done: $run_dir/checkpoints/final (recall in recall.json there and in the MLflow run)"
+    ldot_step eval all "$LDOT_PYTHON" -m ldot.eval recall --checkpoint "$LDOT_RUN_DIR/checkpoints/final" \
+        --data "$LDOT_EVAL_DATA"
+    if [[ $LDOT_STEP_RC != 0 ]]; then
+        ldot_log "evaluation failed (exit $LDOT_STEP_RC); see $LDOT_LOG_DIR/eval.0.log"
+        ldot_fail_run
+        exit "$LDOT_STEP_RC"
+    fi
+    ldot_log "done: $LDOT_RUN_DIR/checkpoints/final (recall in recall.json there and in the MLflow run)"
 }

@@ -1,6 +1,7 @@
 """slurm/finetune.sbatch on a real Slurm: 2 tasks train on tiny demo shards, then recall lands in the run;
 eval.sbatch recalls and mines the same export."""
 import json
+import shutil
 
 from mlflow.tracking import MlflowClient
 
@@ -64,3 +65,23 @@ def test_finetune_two_tasks_records_job_and_recall(slurm_cluster, tmp_path, tiny
     for name in ("txt2img.jsonl", "img2txt.jsonl"):
         two = [json.loads(x)["negatives"] for x in (mined / name).read_text().splitlines()]
         assert two == [json.loads(x)["negatives"] for x in (tmp_path / "one" / name).read_text().splitlines()]
+
+
+def test_failure_after_training_marks_the_run_failed(slurm_cluster, tmp_path, tiny_shards, demo_overrides, job_logs):
+    """Recall fails after training (an evaluation set whose manifest is there but whose shards are not, so
+    the first seconds' check passes): the job fails and its MLflow run says FAILED, not FINISHED."""
+    broken = tmp_path / "no-shards"
+    broken.mkdir()
+    shutil.copy(tiny_shards / "test" / "manifest.json", broken)
+    env = slurm_cluster.env(tmp_path)
+    job, rc = slurm_cluster.sbatch(f"--output={tmp_path}/%x-%j.out", "slurm/finetune.sbatch", "--eval", str(broken),
+                                   "train/configs/demo.yaml", *demo_overrides, "optim.max_steps=2",
+                                   "tracking.experiment=slurm-fail-late", env=env, wait=True)
+    (rec,) = slurm_cluster.wait(job)
+    assert rc != 0 and rec["JobState"] == "FAILED" and rec["Restarts"] == "0", job_logs(tmp_path)
+    assert (tmp_path / f"ldot-finetune-{job}" / "checkpoints" / "final").is_dir()  # training did finish
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("slurm-fail-late").experiment_id])
+    assert run.info.status == "FAILED"
+    job_log = (tmp_path / "logs" / f"ldot-finetune-{job}" / "job.log").read_text()
+    assert "evaluation failed" in job_log and f"MLflow run {run.info.run_id} marked FAILED" in job_log, job_log
