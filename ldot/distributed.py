@@ -49,13 +49,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env_from_slurm() -> None:
-    """srun starts one task per GPU without torchrun: map Slurm's variables to torch's (as open_clip does)."""
-    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or "SLURM_NTASKS" not in os.environ:
-        return
-    os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
-    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+def _check_not_bare_srun() -> None:
+    """Slurm's layout becomes torch's in one place, slurm/launch.sh (see there why): an srun task
+    started without it has no RANK, and would train alone as a world of one beside its siblings."""
+    ntasks = os.environ.get("SLURM_NTASKS", "1")
+    if "RANK" not in os.environ and "SLURM_STEP_ID" in os.environ and ntasks.isdigit() and int(ntasks) > 1:
+        from ldot.errors import LdotError
+
+        raise LdotError(f"srun started {ntasks} tasks but RANK is not set: launch them through slurm/launch.sh "
+                        "(srun slurm/launch.sh ldot train ...) or torchrun")
 
 
 def _skip_cpu_shm_op() -> None:
@@ -73,7 +75,7 @@ def _skip_cpu_shm_op() -> None:
 def init_distributed() -> DistInfo:
     import deepspeed
 
-    _env_from_slurm()
+    _check_not_bare_srun()
     if "RANK" not in os.environ:  # a plain `ldot train`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))

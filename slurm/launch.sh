@@ -7,13 +7,23 @@
 #   RANK        <- SLURM_PROCID        WORLD_SIZE  <- SLURM_NTASKS
 #   LOCAL_RANK  <- SLURM_LOCALID       (0 when Slurm bound the task to a single GPU)
 #   MASTER_ADDR <- first host of the step's node list (scontrol show hostnames)
-#   MASTER_PORT <- 10000 + job id % 20000: fixed for a job and its requeues, distinct across the
-#                  jobs sharing a node, and below the kernel's ephemeral port range.
+#   MASTER_PORT <- LDOT_MASTER_PORT_BASE (10000) + job id % LDOT_MASTER_PORT_SPAN (20000): fixed for a
+#                  job and its requeues, distinct across the jobs sharing a node, and below the
+#                  kernel's ephemeral port range. Two Slurm clusters on one machine (the tests') give
+#                  each its own base and span so that their job ids cannot meet on one port.
 # LDOT_MASTER_ADDR / LDOT_MASTER_PORT override the last two (e.g. a host name on the fast network).
 # Works on CPU-only partitions (the trainer then uses gloo) and across nodes.
+#
+# This is the only place where Slurm's layout becomes torch's: Python (ldot.distributed) reads RANK,
+# LOCAL_RANK and WORLD_SIZE as it does under torchrun, and refuses an srun task that came without
+# them. Here, because the wrapper serves every command a job runs (training, the sharded recall and
+# mining, anything else), needs scontrol for MASTER_ADDR, and sees the task's GPU binding before the
+# command starts.
 set -euo pipefail
 
-die() { echo "launch.sh: error: $*" >&2; exit 2; }
+# shellcheck source=slurm/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # LDOT_EXIT_BAD_INPUT
+die() { echo "launch.sh: error: $*" >&2; exit "$LDOT_EXIT_BAD_INPUT"; }
 [[ $# -gt 0 ]] || die "usage: srun slurm/launch.sh COMMAND [ARGS...]"
 [[ -n ${SLURM_PROCID:-} && -n ${SLURM_NTASKS:-} ]] || die "not an srun task (SLURM_PROCID/SLURM_NTASKS are not set)"
 
@@ -35,7 +45,10 @@ else
 fi
 job=${SLURM_JOB_ID:?SLURM_JOB_ID is not set}
 export MASTER_ADDR
-export MASTER_PORT=${LDOT_MASTER_PORT:-$((10000 + job % 20000))}
+base=${LDOT_MASTER_PORT_BASE:-10000}
+span=${LDOT_MASTER_PORT_SPAN:-20000}
+[[ $base =~ ^[0-9]+$ && $span =~ ^[1-9][0-9]*$ ]] || die "LDOT_MASTER_PORT_BASE=$base / LDOT_MASTER_PORT_SPAN=$span: not port numbers"
+export MASTER_PORT=${LDOT_MASTER_PORT:-$((base + job % span))}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 
 # One header per run in the (appended) per-task log, so requeued runs are easy to tell apart.

@@ -7,8 +7,12 @@
 #   eval "$(sudo slurm/local/start.sh | tail -n1)"; sbatch ...
 #   sudo slurm/local/stop.sh
 #
-# Settings (environment): LDOT_SLURM_LOCAL_DIR (state, logs, slurm.conf; default /var/tmp/ldot-slurm),
-# LDOT_SLURM_CTLD_PORT / LDOT_SLURM_SLURMD_PORT (default 6817 / 6818), LDOT_SLURM_INSTALL=0 (never apt).
+# Settings (environment): LDOT_SLURM_LOCAL_DIR (state, logs, slurm.conf, its munged's socket; default
+# /var/tmp/ldot-slurm), LDOT_SLURM_CTLD_PORT / LDOT_SLURM_SLURMD_PORT (default 6817 / 6818),
+# LDOT_SLURM_INSTALL=0 (never apt). Clusters with their own directory and ports share nothing, munged
+# included (each runs its own on a socket in its directory), so several can run on one machine: the
+# tests start one per session (tests/slurm/conftest.py). The directory must be one the munge user can
+# reach (not under a root-only 0700 folder).
 # Exit 77 means "cannot run here" (not root, no apt, packages missing): the tests skip on it.
 set -euo pipefail
 
@@ -50,21 +54,24 @@ LDOT_SLURM_LOCKED=1 "$here/stop.sh" --keep-munge
 rm -rf "$STATE/run" "$STATE/etc"  # (spool stays: a new slurmd finds orphaned steps through it)
 mkdir -p "$STATE/statesave" "$STATE/spool" "$STATE/run" "$STATE/log" "$STATE/etc"
 
-# -- munge: reuse a working daemon (e.g. the machine's own), else start one ----------------
-munge_ok() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
+# -- munge: this cluster's own daemon, on a socket in its directory (reused if it still answers) ------
+MUNGE_DIR=$STATE/munge
+SOCKET=$MUNGE_DIR/munge.socket
+munge_ok() { munge -S "$SOCKET" -n 2>/dev/null | unmunge -S "$SOCKET" >/dev/null 2>&1; }
 if ! munge_ok; then
     if [[ ! -s /etc/munge/munge.key ]]; then
+        install -d -o munge -g munge -m 0700 /etc/munge
         mungekey --create --keyfile /etc/munge/munge.key >/dev/null 2>&1 \
             || dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
     fi
     chown munge:munge /etc/munge/munge.key && chmod 0400 /etc/munge/munge.key
-    install -d -o munge -g munge -m 0755 /run/munge
-    install -d -o munge -g munge -m 0700 /var/lib/munge /var/log/munge
-    rm -f /run/munge/munge.socket.2 /run/munge/munge.socket.2.lock /run/munge/munged.pid
-    runuser -u munge -- munged 9>&- || fail "munged did not start (see /var/log/munge/munged.log)"
+    install -d -o munge -g munge -m 0755 "$MUNGE_DIR"
+    rm -f "$SOCKET" "$SOCKET.lock" "$MUNGE_DIR/munged.pid"
+    runuser -u munge -- munged --socket="$SOCKET" --pid-file="$MUNGE_DIR/munged.pid" \
+        --log-file="$MUNGE_DIR/munged.log" --seed-file="$MUNGE_DIR/munged.seed" 9>&- \
+        || fail "munged did not start (see $MUNGE_DIR/munged.log)"
     for _ in $(seq 50); do munge_ok && break; sleep 0.2; done
-    munge_ok || fail "munged started but munge/unmunge fail (see /var/log/munge/munged.log)"
-    cat /run/munge/munged.pid >"$STATE/run/munged.pid" 2>/dev/null || true  # ours: stop.sh may stop it
+    munge_ok || fail "munged started but munge/unmunge fail (see $MUNGE_DIR/munged.log)"
 fi
 
 # -- slurm.conf from this machine: its short hostname, its CPUs, 90% of its memory ------------
@@ -82,7 +89,7 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 # A requeued job waits cred_expire seconds (default 120) before it may start again: keep tests short.
-AuthInfo=cred_expire=5
+AuthInfo=cred_expire=5,socket=$SOCKET
 StateSaveLocation=$STATE/statesave
 SlurmdSpoolDir=$STATE/spool
 SlurmctldPidFile=$STATE/run/slurmctld.pid

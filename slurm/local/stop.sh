@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Stops the local cluster started by slurm/local/start.sh: cancels its jobs, stops slurmd and
-# slurmctld, and munged if start.sh started it (--keep-munge leaves it running). Safe to run twice.
+# Stops the local cluster started by slurm/local/start.sh: cancels its jobs, stops slurmd, slurmctld
+# and the cluster's own munged (--keep-munge leaves it running). Safe to run twice.
 set -euo pipefail
 
 STATE=${LDOT_SLURM_LOCAL_DIR:-/var/tmp/ldot-slurm}
@@ -37,5 +37,5 @@ if [[ -f $CONF ]] && SLURM_CONF=$CONF timeout 10 scontrol ping >/dev/null 2>&1; 
 fi
 stop_pidfile "$STATE/run/slurmd.pid" slurmd
 stop_pidfile "$STATE/run/slurmctld.pid" slurmctld
-[[ $keep_munge == 1 ]] || stop_pidfile "$STATE/run/munged.pid" munged
+[[ $keep_munge == 1 ]] || stop_pidfile "$STATE/munge/munged.pid" munged  # this cluster's own (start.sh)
 exit 0

@@ -3,13 +3,22 @@
 The fixture installs Debian's slurm-wlm and munge when they are missing (apt, as root), starts munged,
 slurmctld and slurmd with a slurm.conf generated from this machine, and stops them afterwards. It skips,
 saying why, where that cannot be done: not root, no apt-get, installation or start-up refused.
-A second test session on the same machine waits for the first to finish, then restarts the cluster afresh.
+
+Each session's cluster is its own: a block of ports (PORT_BLOCK of them, below the kernel's ephemeral
+range) taken under a lock file that the session holds, and a state directory named after it. The block
+holds the controller's and slurmd's ports and every MASTER_PORT that slurm/launch.sh derives for the
+session's jobs (LDOT_MASTER_PORT_BASE/SPAN), so two test runs on one machine share neither a daemon,
+a port nor a job's rendezvous, even where their job ids are equal. Job ids count on from the last
+session that held the same block (start.sh keeps the saved state), and every test writes its runs
+under its own tmp_path, so no two sessions' output directories meet either.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -20,7 +29,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL = ROOT / "slurm" / "local"
-STATE = Path(os.environ.get("LDOT_SLURM_LOCAL_DIR", "/var/tmp/ldot-slurm"))
+# reachable by the munge user (a session's own munged keeps its socket in the state directory)
+STATES = Path(os.environ.get("LDOT_SLURM_TEST_DIR", "/var/tmp/ldot-slurm-test"))
+PORT_BLOCK = 200
+PORT_BLOCKS = range(20000, 32000, PORT_BLOCK)  # below the ephemeral range (32768-60999 by default)
 CANNOT = 77  # start.sh: "cannot run here"
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
@@ -28,6 +40,15 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 @dataclass
 class SlurmCluster:
     conf: Path
+    port_base: int  # the session's port block: controller, slurmd, then its jobs' MASTER_PORTs
+
+    @property
+    def job_env(self) -> dict[str, str]:
+        """MASTER_PORT = base + job id % span (slurm/launch.sh) inside this session's block."""
+        return {"LDOT_MASTER_PORT_BASE": str(self.port_base + 2), "LDOT_MASTER_PORT_SPAN": str(PORT_BLOCK - 2)}
+
+    def master_port(self, job: str | int) -> int:
+        return self.port_base + 2 + int(job) % (PORT_BLOCK - 2)
 
     def env(self, output_root: Path, **extra: str) -> dict[str, str]:
         """The environment of a submission: this cluster, this checkout, this Python, no site.env."""
@@ -36,7 +57,7 @@ class SlurmCluster:
                                                           "MASTER_PORT", "MLFLOW_TRACKING_URI")}
         env.update(SLURM_CONF=str(self.conf), LDOT_ROOT=str(ROOT), LDOT_SITE_ENV="/dev/null",
                    LDOT_PYTHON=sys.executable, LDOT_OUTPUT_ROOT=str(output_root), OMP_NUM_THREADS="1",
-                   HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+                   HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **self.job_env)
         env.update(extra)
         return env
 
@@ -105,38 +126,69 @@ def _logs(output_root: Path) -> str:
     return "\n".join(parts)
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster():
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def _take_port_block():
+    """(base port, open lock file): the first block no other session holds whose daemon ports are free."""
+    STATES.mkdir(parents=True, exist_ok=True)
+    STATES.chmod(0o755)
+    for base in PORT_BLOCKS:
+        lock = open(STATES / f"{base}.lock", "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            continue
+        if _bindable(base) and _bindable(base + 1):
+            return base, lock
+        lock.close()
+    pytest.skip(f"no free block of {PORT_BLOCK} ports in {PORT_BLOCKS.start}-{PORT_BLOCKS.stop} for a Slurm cluster")
+
+
+@contextlib.contextmanager
+def local_cluster():
+    """A cluster of its own (port block, state directory, munged), stopped on leaving."""
     if os.geteuid() != 0:
         pytest.skip("Slurm tests need root: they install slurm-wlm/munge with apt and run slurmd as root")
     if not (shutil.which("slurmctld") and shutil.which("munged")) and not shutil.which("apt-get"):
         pytest.skip("slurm-wlm/munge are not installed and there is no apt-get to install them")
-    # The cluster is one per machine: a second session waits for the first rather than restarting it
-    # under the first's running jobs.
-    STATE.mkdir(parents=True, exist_ok=True)
-    lock = open(STATE / ".session.lock", "w")
-    deadline = time.monotonic() + 900
-    while True:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                lock.close()
-                pytest.skip(f"another test session has held the local Slurm cluster ({STATE}) for 15 minutes")
-            time.sleep(2)
+    base, lock = _take_port_block()
+    state = STATES / str(base)
+    # the daemons serve the whole session: not marked as a test's leftovers (tests/conftest.py); the
+    # jobs they run carry the submitting test's environment, mark included
+    daemon_env = {k: v for k, v in os.environ.items() if k != "LDOT_TEST_SESSION"}
+    daemon_env.update(LDOT_SLURM_LOCAL_DIR=str(state), LDOT_SLURM_CTLD_PORT=str(base),
+                      LDOT_SLURM_SLURMD_PORT=str(base + 1))
     try:
-        # the daemons serve the whole session: not marked as a test's leftovers (tests/conftest.py); the
-        # jobs they run carry the submitting test's environment, mark included
-        daemon_env = {k: v for k, v in os.environ.items() if k != "LDOT_TEST_SESSION"}
         proc = subprocess.run([str(LOCAL / "start.sh")], capture_output=True, text=True, timeout=900, env=daemon_env)
         if proc.returncode == CANNOT:
             pytest.skip(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "slurm/local/start.sh: cannot start")
         assert proc.returncode == 0, f"slurm/local/start.sh failed:\n{proc.stdout}\n{proc.stderr}"
-        yield SlurmCluster(conf=STATE / "etc" / "slurm.conf")
+        yield SlurmCluster(conf=state / "etc" / "slurm.conf", port_base=base)
     finally:
-        subprocess.run([str(LOCAL / "stop.sh")], capture_output=True, text=True, timeout=300)
+        subprocess.run([str(LOCAL / "stop.sh")], capture_output=True, text=True, timeout=300, env=daemon_env)
         lock.close()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    with local_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def start_local_cluster(slurm_cluster):
+    """`with start_local_cluster() as c:` a second cluster beside the session's, as a second test session
+    on this machine would start one."""
+    return local_cluster
 
 
 @pytest.fixture(scope="session")
