@@ -1,0 +1,90 @@
+"""`ldot train` outside Slurm refuses bad input with one line `error: ...` on stderr and exit 2, before
+torch, DeepSpeed or transformers are imported (so before any model is built, and in a fraction of a
+second instead of the trainer's start-up). Each case is one the issue found costing a whole job."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+LDOT = Path(sys.executable).parent / "ldot"
+HEAVY = ("torch", "deepspeed", "transformers")
+# The real command's entry point, then which heavy modules it had imported by the time it returned.
+PROBE = ("import sys\nfrom ldot.cli import main\nrc = main(sys.argv[1:])\n"
+         f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))\nsys.exit(rc)")
+
+
+def _env():
+    # outside Slurm: no SLURM_* variables, whatever the machine running the tests has
+    return {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+
+
+def _dataset(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "manifest.json").write_text(json.dumps({"num_samples": 1}))
+    return path
+
+
+def _refused(*overrides: str) -> str:
+    """Runs `ldot train --config demo.yaml OVERRIDES` from the checkout; returns its one stderr line."""
+    proc = subprocess.run([sys.executable, "-c", PROBE, "train", "--config", "train/configs/demo.yaml", *overrides],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    assert proc.stdout.strip() == "", f"imported before the input was checked: {proc.stdout}"
+    return lines[0]
+
+
+def test_a_config_typo_is_reported_at_once():
+    start = time.perf_counter()
+    proc = subprocess.run([str(LDOT), "train", "--config", "train/configs/demo.yaml", "optim.lrr=1e-5"], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=120)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.splitlines() == [
+        "error: unknown config key in section 'optim': lrr "
+        "(known: betas, eps, grad_accum, grad_clip, lr, max_steps, warmup_ratio, weight_decay)"]
+    # ~0.2 s here; importing the trainer first took ~6 s (issue 12)
+    assert elapsed < 2.0, f"{elapsed:.1f} s to report a typo"
+    assert _refused("optim.lrr=1e-5") == proc.stderr.strip()
+
+
+def test_an_output_dir_under_a_file(tmp_path):
+    data = _dataset(tmp_path / "train")
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "afile" / "run"
+    assert _refused(f"data.train={data}", f"output_dir={out}") == \
+        f"error: output_dir: {out} cannot be created: {tmp_path / 'afile'} is a file"
+
+
+@pytest.mark.parametrize("out,reason", [
+    ("/sys/kernel", "Permission denied"),            # exists, but no file can be made in it
+    ("/sys/ldot-test-run/out", "Operation not permitted"),  # cannot be created
+])
+def test_an_unwritable_output_dir(tmp_path, out, reason):
+    """Tests run as root here, for whom a chmod'ed directory is writable and a bind mount needs
+    privileges. sysfs refuses new files and directories to everyone, root included."""
+    if not Path("/sys/kernel").is_dir():
+        pytest.skip("no sysfs at /sys on this machine")
+    data = _dataset(tmp_path / "train")
+    assert _refused(f"data.train={data}", f"output_dir={out}") == f"error: output_dir: {out} is not writable ({reason})"
+
+
+def test_missing_datasets_and_checkpoints(tmp_path):
+    data, out = _dataset(tmp_path / "train"), tmp_path / "run"
+    assert _refused(f"data.train={tmp_path / 'tarin'}", f"output_dir={out}") == \
+        f"error: data.train: no dataset directory at {tmp_path / 'tarin'}"
+    (tmp_path / "empty").mkdir()
+    assert _refused(f"data.train={tmp_path / 'empty'}", f"output_dir={out}") == (
+        f"error: data.train: {tmp_path / 'empty'} is not a dataset directory (no manifest.json; make one with "
+        "`ldot data`)")
+    assert _refused(f"data.train={data}", f"data.val={tmp_path / 'vla'}", f"output_dir={out}") == \
+        f"error: data.val: no dataset directory at {tmp_path / 'vla'}"
+    assert _refused(f"data.train={data}", f"model.init_from={tmp_path / 'export'}", f"output_dir={out}") == \
+        f"error: model.init_from: {tmp_path / 'export'} is not an exported ldot checkpoint (no ldot.json)"
+    assert not out.exists()  # refused before the output directory was made
