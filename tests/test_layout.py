@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 FOLDERS = {"data": "data", "kernels": "kernels", "model": "model", "tracking": "tracking", "train": "train",
-           "eval": "eval", "ldot": "ldot"}
+           "eval": "eval", "slurm": "slurm", "ldot": "ldot"}
 # package -> the ldot packages it must never import
 FORBIDDEN = {
     "data": {"kernels", "model", "tracking", "train", "eval"},
@@ -21,6 +21,7 @@ FORBIDDEN = {
     "model": {"data", "tracking", "train", "eval"},
     "tracking": {"data", "kernels", "model", "train", "eval"},
     "eval": {"train"},
+    "slurm": {"eval"},  # the batch-side checks use train's config and preflight; recall runs as a command
 }
 
 

@@ -40,6 +40,7 @@ class MetricsProcessor:
 
     def record(self, step: int, task: str, stats: StepStats, engine, logit_scale: torch.Tensor | None) -> None:
         self.losses.setdefault(task, []).append(stats.loss)
+        self.last_task = task
         if logit_scale is not None:
             self.scale = logit_scale
         self.pairs += stats.pairs
@@ -73,9 +74,10 @@ class MetricsProcessor:
         if self.scale is not None:
             record["logit_scale"] = float(self.scale)
         self.tracker.log_metrics(record, step)
-        shown = {"loss": f"{record[f'loss/{t}']:.4f}" for t in list(window)[-1:]}
-        self.bar.set_postfix(ordered_dict={**shown, "lr": f"{record['lr']:.2e}",
-                                           "samples/s": f"{record['samples_per_s']:.1f}"}, refresh=False)
+        # the last step's task and its window's mean loss
+        self.bar.set_postfix(ordered_dict={"task": self.last_task, "loss": f"{record[f'loss/{self.last_task}']:.4f}",
+                                           "lr": f"{record['lr']:.2e}", "samples/s": f"{record['samples_per_s']:.1f}"},
+                             refresh=False)
         self.saved = {}
         self._reset()
 
