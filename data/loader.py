@@ -30,6 +30,20 @@ or token-budget bucketing (data/batching.py) → collate (pad text and regions, 
 
 With a token budget the resume point of a batch is the start of its bucket buffer plus how many of that
 buffer's batches were delivered; the buffer is rebuilt on resume and those batches are passed over.
+
+Resuming on a different number of ranks (the *layout* rule). A run's samples are laid out once, by the
+world size W0 and per-rank batch B0 of its first job: W0 × num_workers slots, and global batch k = the
+k-th B0-sample batch of slot (r0 × num_workers + k mod num_workers) for r0 = 0..W0-1, end to end
+(G = W0 × B0 pairs). A job that resumes on W ranks keeps that layout and the global batch: W × B must
+equal G (data.batch_size is per rank, so 2 ranks × 8 become 1 rank × 16 or 4 ranks × 4), and rank r
+takes pairs [r × B, (r + 1) × B) of every global batch, reading the old slots that overlap them and
+keeping its part. Every slot continues from its own saved position, so the global sample sequence is
+the one the uninterrupted run would have seen: no sample of the epoch is repeated or skipped, and the
+batches are the same pairs (in another order across ranks, which only changes float summation order).
+Fewer ranks read several slots each (the same reading in all); more ranks than W0 share a slot, each
+decoding all of its samples and keeping its part (reading grows by W / W0 for that run). The layout is
+kept by every later resume of the run; num_workers must stay as it was. A token-budget loader
+(data.token_budget) cuts its batches per rank by token count, so it cannot change its number of ranks.
 """
 
 from __future__ import annotations
@@ -53,7 +67,7 @@ from ldot.data.batching import bucketed, collate_images, collate_train
 from ldot.data.errors import DataError
 from ldot.data.reader import ErrorPolicy, read_shard
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1: slots as a list of this rank's workers, no layout (still read)
 
 
 # ------------------------------------------------------------------------------------------- epoch plan
@@ -145,11 +159,17 @@ def fresh_slot_state() -> dict:
 
 
 class _SlotStream(torch.utils.data.IterableDataset):
-    """The batches of one (rank, worker) slot, forever. Built inside the worker that runs it."""
+    """The batches one (rank, worker) pair delivers, forever. Built inside the worker that runs it.
 
-    def __init__(self, cfg: _SlotConfig, tokenizer, starts: list[dict], rotation: int):
+    ``parts[worker]``: the (slot, lo, hi) the worker reads, in global batch order: each batch is samples
+    [lo, hi) of the slot's next layout batch (``layout_batch`` samples), for every part, end to end. Without
+    a change of world size that is one part, (rank × W + worker, 0, batch_size). ``starts``: slot -> position."""
+
+    def __init__(self, cfg: _SlotConfig, tokenizer, starts: dict[int, dict], rotation: int,
+                 parts: list[list[tuple[int, int, int]]], layout_world: int, layout_batch: int | None):
         super().__init__()
         self.cfg, self.tokenizer, self.starts, self.rotation = cfg, tokenizer, starts, rotation
+        self.parts, self.layout_world, self.layout_batch = parts, layout_world, layout_batch
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
@@ -164,12 +184,55 @@ class _SlotStream(torch.utils.data.IterableDataset):
     def _batches(self, worker: int) -> Iterator[dict]:
         cfg = self.cfg
         nw = max(1, cfg.num_workers)
-        slot = cfg.rank * nw + worker
-        plan = EpochPlan(cfg.paths, cfg.counts, cfg.seed, cfg.world_size * nw, cfg.resample)
-        start = self.starts[worker]
-        where = f"rank {cfg.rank} worker {worker}"
+        plan = EpochPlan(cfg.paths, cfg.counts, cfg.seed, self.layout_world * nw, cfg.resample)
+        pad_id = self.tokenizer.pad_token_id
+        parts = self.parts[worker]
+        if cfg.token_budget is not None:
+            ((slot, _, _),) = parts
+            yield from self._budget_batches(slot, plan)
+            return
+
+        def lists(slot: int) -> Iterator[list[dict]]:
+            return wds.batched(self.layout_batch, collation_fn=list, partial=False)(self._samples(slot, plan))
+
+        for chunks in zip(*(lists(slot) for slot, _, _ in parts)):
+            samples = [x for chunk, (_, lo, hi) in zip(chunks, parts) for x in chunk[lo:hi]]
+            batch = collate_train(samples, pad_id, cfg.with_cls)
+            batch["__state__"] = {slot: dict(chunk[-1]["__state__"], emitted=0)
+                                  for chunk, (slot, _, _) in zip(chunks, parts)}
+            yield batch
+
+    def _budget_batches(self, slot: int, plan: EpochPlan) -> Iterator[dict]:
+        cfg, start = self.cfg, self.starts[slot]
+        pad_id = self.tokenizer.pad_token_id
+
+        def budget_batch(item) -> dict:
+            samples, first, last, j = item
+            batch = collate_train(samples, pad_id, cfg.with_cls)
+            epoch, pos, epoch_skipped = first["__pos__"]
+            # Resume point: just before the buffer, plus how many of its batches are out.
+            batch["__state__"] = {slot: {"epoch": epoch, "offset": pos - 1, "epoch_skipped": epoch_skipped,
+                                         "emitted": j + 1, "skipped": last["__state__"]["skipped"]}}
+            return batch
+
+        def rng_for(first: dict) -> random.Random:
+            return random.Random(make_seed(cfg.seed, *first["__pos__"][:2], slot, 0xB0C))
+
+        yield from wds.DataPipeline(
+            lambda: self._samples(slot, plan),
+            lambda src: bucketed(src, budget=cfg.token_budget, buffer=cfg.bucket_buffer, rng_for=rng_for,
+                                 skip_first=start.get("emitted", 0)),
+            wds.map(budget_batch))
+
+    def _samples(self, slot: int, plan: EpochPlan) -> Iterator[dict]:
+        """The slot's valid, prepared samples after its start position, forever; each carries its
+        ``__state__`` (the slot's position once it is consumed)."""
+        cfg = self.cfg
+        nw = max(1, cfg.num_workers)
+        start = self.starts[slot]
+        where = f"rank {slot // nw} worker {slot % nw}"
         # Counts restart from the epoch's start: the replay below re-meets the same bad samples.
-        policy = ErrorPolicy(cfg.on_error, where=where, counts=start["epoch_skipped"])
+        policy = ErrorPolicy(cfg.on_error, where=where, counts=dict(start["epoch_skipped"]))
         valid_in_epoch: dict[int, int] = {}
 
         def raw_samples() -> Iterator[dict]:
@@ -205,8 +268,6 @@ class _SlotStream(torch.utils.data.IterableDataset):
             epoch, pos, _ = sample["__pos__"]
             return (epoch, pos) > (start["epoch"], start["offset"])
 
-        pad_id = self.tokenizer.pad_token_id
-
         def prepare(sample: dict) -> dict:
             """Caption choice and tokenization: functions of (seed, epoch, image), not of position or worker."""
             rng = random.Random(make_seed(cfg.seed, sample["__pos__"][0], sample["__index__"]))
@@ -215,38 +276,13 @@ class _SlotStream(torch.utils.data.IterableDataset):
             sample["__ids__"] = self.tokenizer(caption, truncation=True, max_length=cfg.max_text_len)["input_ids"]
             return sample
 
-        def fixed_batch(samples: list[dict]) -> dict:
-            batch = collate_train(samples, pad_id, cfg.with_cls)
-            batch["__state__"] = dict(samples[-1]["__state__"], emitted=0)
-            return batch
-
-        def budget_batch(item) -> dict:
-            samples, first, last, j = item
-            batch = collate_train(samples, pad_id, cfg.with_cls)
-            epoch, pos, epoch_skipped = first["__pos__"]
-            # Resume point: just before the buffer, plus how many of its batches are out.
-            batch["__state__"] = {"epoch": epoch, "offset": pos - 1, "epoch_skipped": epoch_skipped, "emitted": j + 1,
-                                  "skipped": last["__state__"]["skipped"]}
-            return batch
-
-        stages = [
+        return iter(wds.DataPipeline(
             raw_samples,
             wds.map(schema.decode_sample, handler=policy),
             wds.map(validated, handler=policy),
             wds.select(not_replayed),
             wds.map(prepare),
-        ]
-        if cfg.token_budget is None:
-            stages.append(wds.batched(cfg.batch_size, collation_fn=fixed_batch, partial=False))
-        else:
-            def rng_for(first: dict) -> random.Random:
-                return random.Random(make_seed(cfg.seed, *first["__pos__"][:2], slot, 0xB0C))
-
-            stages += [lambda src: bucketed(src, budget=cfg.token_budget, buffer=cfg.bucket_buffer, rng_for=rng_for,
-                                            skip_first=start.get("emitted", 0)),
-                       wds.map(budget_batch)]
-        pipeline = wds.DataPipeline(*stages)
-        yield from pipeline
+        ))
 
 
 # ------------------------------------------------------------------------------------------- train loader
@@ -293,9 +329,26 @@ class TrainLoader:
             bucket_buffer=bucket_buffer, resample=resample)
         self.epochs = epochs
         ErrorPolicy(on_error)  # validates the policy name now, not in a worker
-        self.plan = EpochPlan(self.cfg.paths, self.cfg.counts, seed, world_size * max(1, num_workers), resample)
-        self._slots = [fresh_slot_state() for _ in range(max(1, num_workers))]
+        self._set_layout(world_size, batch_size)
+        self._slots = {slot: fresh_slot_state() for slot in self._my_slots()}
         self._batches = 0
+
+    # -- layout: which slots this rank reads, and which part of each (module doc) --------------------------
+    def _set_layout(self, world: int, batch: int | None) -> None:
+        """The run's sample layout: the world size and per-rank batch its samples were laid out for."""
+        c = self.cfg
+        nw = max(1, c.num_workers)
+        self.layout_world, self.layout_batch = world, batch
+        self.plan = EpochPlan(c.paths, c.counts, c.seed, world * nw, c.resample)
+        if batch is None:  # token budget: only ever this rank's own slots, whole
+            self._parts = [[(c.rank * nw + w, 0, 0)] for w in range(nw)]
+            return
+        lo, hi = c.rank * c.batch_size, (c.rank + 1) * c.batch_size  # this rank's pairs of the global batch
+        self._parts = [[(r0 * nw + w, max(lo, r0 * batch) - r0 * batch, min(hi, (r0 + 1) * batch) - r0 * batch)
+                        for r0 in range(lo // batch, (hi - 1) // batch + 1)] for w in range(nw)]
+
+    def _my_slots(self) -> list[int]:
+        return [slot for parts in self._parts for slot, _, _ in parts]
 
     @property
     def num_samples(self) -> int:
@@ -303,31 +356,36 @@ class TrainLoader:
 
     @property
     def batches_per_epoch(self) -> int | None:
-        """Batches per epoch, the same on every rank: the smallest rank share // batch_size (what a share has
-        beyond that carries over into the next epoch, nothing is dropped). None with a token budget."""
+        """Batches per epoch, the same on every rank: the smallest share of a layout rank // its batch (what a
+        share has beyond that carries over into the next epoch, nothing is dropped). None with a token budget."""
         c = self.cfg
         if c.batch_size is None:
             return None
         nw = max(1, c.num_workers)
-        return min(sum(self.plan.slot_size(r * nw + w) for w in range(nw)) for r in range(c.world_size)) // c.batch_size
+        return min(sum(self.plan.slot_size(r * nw + w) for w in range(nw))
+                   for r in range(self.layout_world)) // self.layout_batch
 
     @property
     def skipped(self) -> dict[str, int]:
-        """Samples skipped so far (policy ``skip``), per reason, as of the last batch yielded."""
+        """Samples skipped so far (policy ``skip``), per reason, as of the last batch yielded, in the slots
+        whose first part this rank reads (a slot shared by several ranks is counted once)."""
         total: dict[str, int] = {}
-        for slot in self._slots:
-            for reason, n in slot["skipped"].items():
-                total[reason] = total.get(reason, 0) + n
+        for parts in self._parts:
+            for slot, lo, _ in parts:
+                if lo == 0:
+                    for reason, n in self._slots[slot]["skipped"].items():
+                        total[reason] = total.get(reason, 0) + n
         return {k: v for k, v in sorted(total.items()) if v}
 
     @property
     def epoch(self) -> int:
         """The oldest epoch any of this rank's slots is still in."""
-        return min(s["epoch"] for s in self._slots)
+        return min(s["epoch"] for s in self._slots.values())
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         nw = self.cfg.num_workers
-        stream = _SlotStream(self.cfg, self.tokenizer, copy.deepcopy(self._slots), rotation=self._batches % max(1, nw))
+        stream = _SlotStream(self.cfg, self.tokenizer, copy.deepcopy(self._slots), rotation=self._batches % max(1, nw),
+                             parts=self._parts, layout_world=self.layout_world, layout_batch=self.layout_batch)
         if nw == 0:
             source = iter(stream)
         else:
@@ -342,7 +400,7 @@ class TrainLoader:
                 if "__error__" in batch:
                     problem, shard, key, reason = batch["__error__"]
                     raise DataError(problem, shard=shard, key=key, reason=reason)
-                self._slots[self._batches % max(1, nw)] = batch.pop("__state__")
+                self._slots.update(batch.pop("__state__"))
                 self._batches += 1
                 yield batch
         finally:
@@ -352,27 +410,86 @@ class TrainLoader:
             if shutdown is not None:
                 shutdown()
 
+    # -- state ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Position of this rank's stream after the last batch yielded; save it with the checkpoint."""
+        """Position of this rank's stream after the last batch yielded (every slot it reads, by slot index, and
+        the run's layout); save it with the checkpoint. ``merge_states`` of every rank's resumes on any
+        number of ranks."""
         return {"version": STATE_VERSION, "batches": self._batches, "slots": copy.deepcopy(self._slots),
-                **self._layout()}
+                "rank": self.cfg.rank, "world_size": self.cfg.world_size, "batch_size": self.cfg.batch_size,
+                "layout": {"world_size": self.layout_world, "batch_size": self.layout_batch}, **self._identity()}
 
-    def _layout(self) -> dict:
-        """What must not change between save and resume for the batch sequence to be the same."""
+    def _identity(self) -> dict:
+        """What must not change between save and resume, whatever the number of ranks, for the sample
+        sequence to be the same."""
         c = self.cfg
-        return {"seed": c.seed, "rank": c.rank, "world_size": c.world_size, "num_workers": c.num_workers,
-                "batch_size": c.batch_size, "token_budget": c.token_budget, "bucket_buffer": c.bucket_buffer,
-                "shuffle_buffer": c.shuffle_buffer, "resample": c.resample, "num_samples": self.num_samples,
-                "shards": [os.path.basename(p) for p in c.paths]}
+        return {"seed": c.seed, "num_workers": c.num_workers, "token_budget": c.token_budget,
+                "bucket_buffer": c.bucket_buffer, "shuffle_buffer": c.shuffle_buffer, "resample": c.resample,
+                "num_samples": self.num_samples, "shards": [os.path.basename(p) for p in c.paths]}
+
+    @staticmethod
+    def merge_states(states: list[dict]) -> dict:
+        """One state from every rank's (in rank order): the positions of all the run's slots. A loader on any
+        number of ranks loads it (load_state_dict) and takes the slots it reads."""
+        states = [_upgrade(s) for s in states]
+        first = states[0]
+        for s in states[1:]:
+            diff = [k for k in ("batches", "layout", "world_size", "version") if s.get(k) != first.get(k)]
+            if diff:
+                raise DataError(f"the ranks' loader states disagree on {', '.join(diff)}: not one run's checkpoint")
+        slots: dict[int, dict] = {}
+        for s in states:
+            for slot, pos in s["slots"].items():
+                slots.setdefault(int(slot), pos)  # ranks sharing a slot read it in step: equal positions
+        return {**first, "slots": slots, "rank": None}
 
     def load_state_dict(self, state: dict) -> None:
-        mine = {"version": STATE_VERSION, **self._layout()}
+        """This rank's own state (same world size), or ``merge_states`` of every rank's (any world size)."""
+        state = _upgrade(state)
+        c = self.cfg
+        mine = {"version": STATE_VERSION, **self._identity()}
         diff = [f"{k} {state.get(k)!r} (this loader: {v!r})" for k, v in mine.items() if state.get(k) != v]
         if diff:
             raise DataError("loader state does not fit this loader, exact resume impossible: " + "; ".join(diff),
                             shard=str(self.data_dir))
-        self._slots = copy.deepcopy(state["slots"])
+        world0, batch0 = state["layout"]["world_size"], state["layout"]["batch_size"]
+        saved_world, saved_batch = state["world_size"], state["batch_size"]
+        if state["rank"] is not None and (state["rank"], saved_world) != (c.rank, c.world_size):
+            raise DataError(f"loader state of rank {state['rank']} of {saved_world} given to rank {c.rank} of "
+                            f"{c.world_size}: merge every rank's state first (TrainLoader.merge_states)",
+                            shard=str(self.data_dir))
+        if c.token_budget is not None and (world0, saved_world) != (c.world_size, c.world_size):
+            raise DataError(f"data.token_budget: the checkpoint was written by {saved_world} ranks and a token-budget "
+                            f"loader cuts its batches per rank by token count, so it cannot continue on "
+                            f"{c.world_size}: resume on {saved_world} ranks (or use a fixed data.batch_size)",
+                            shard=str(self.data_dir))
+        if c.token_budget is None:
+            g = world0 * batch0
+            if c.world_size * c.batch_size != g:
+                fix = (f"set data.batch_size={g // c.world_size} to keep it" if g % c.world_size == 0 else
+                       f"{g} pairs cannot be split evenly over {c.world_size} ranks")
+                raise DataError(f"the checkpoint's global batch is {g} pairs ({saved_world} ranks x data.batch_size="
+                                f"{saved_batch}); {c.world_size} ranks x data.batch_size={c.batch_size} would change "
+                                f"it: {fix}", shard=str(self.data_dir))
+        self._set_layout(world0, batch0)
+        missing = [slot for slot in self._my_slots() if slot not in state["slots"]]
+        if missing:
+            raise DataError(f"the loader state has no position for slots {missing} (rank states missing?)",
+                            shard=str(self.data_dir))
+        self._slots = {slot: copy.deepcopy(state["slots"][slot]) for slot in self._my_slots()}
         self._batches = int(state["batches"])
+
+
+def _upgrade(state: dict) -> dict:
+    """A version-1 state (this rank's workers' positions as a list, no layout) in today's form."""
+    if state.get("version") != 1:
+        return state
+    nw = max(1, state["num_workers"])
+    state = {k: v for k, v in state.items()}
+    state["slots"] = {state["rank"] * nw + w: pos for w, pos in enumerate(state["slots"])}
+    state["layout"] = {"world_size": state["world_size"], "batch_size": state["batch_size"]}
+    state["version"] = STATE_VERSION
+    return state
 
 
 # ------------------------------------------------------------------------------------------- evaluation
