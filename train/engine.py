@@ -66,7 +66,21 @@ def deepspeed_config(optim: OptimConfig, engine: EngineConfig, micro_batch: int)
     return ds
 
 
+def check_precision(precision: str) -> None:
+    """DeepSpeed refuses a precision its accelerator lacks (fp16 on a CPU without AVX512-FP16/AMX-FP16,
+    bf16 on an older GPU) with a traceback from inside deepspeed.initialize: say so in one line instead."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    supported = {"fp16": acc.is_fp16_supported, "bf16": acc.is_bf16_supported}.get(precision)
+    if supported is not None and not supported():
+        hint = " (a CPU needs AVX512-FP16 or AMX-FP16)" if precision == "fp16" and acc.device_name() == "cpu" else ""
+        raise ConfigError(f"engine.precision={precision}: DeepSpeed does not support {precision} on this machine's "
+                          f"{acc.device_name()}{hint}; use {'bf16' if precision == 'fp16' else 'fp16'} or fp32")
+
+
 def build_engine(model: nn.Module, optim: OptimConfig, engine: EngineConfig, micro_batch: int):
+    check_precision(engine.precision)
     ds = deepspeed_config(optim, engine, micro_batch)
     eng, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, optim.weight_decay),
                                         config=ds)

@@ -33,3 +33,19 @@ def test_no_weight_decay_on_biases_and_norms():
     decay, no_decay = param_groups(m, 0.01)
     assert [p.shape for p in decay["params"]] == [(4, 3)]
     assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+
+
+def test_a_precision_the_device_lacks_is_one_line():
+    """DeepSpeed on a CPU without AVX512-FP16/AMX-FP16 has no fp16 (deepspeed.initialize raises deep in its
+    sanity check); the trainer refuses it as a bad config instead. Where fp16 exists, it is accepted."""
+    from deepspeed.accelerator import get_accelerator
+
+    from ldot.train.engine import check_precision
+
+    check_precision("fp32")
+    if get_accelerator().is_fp16_supported():
+        check_precision("fp16")
+    else:
+        with pytest.raises(ConfigError, match=r"^engine.precision=fp16: DeepSpeed does not support fp16 on this "
+                                              r"machine's \w+.*; use bf16 or fp32$"):
+            check_precision("fp16")
