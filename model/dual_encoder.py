@@ -102,8 +102,24 @@ class ImageEncoder(BertPreTrainedModel):
 
     def forward(self, img_feat, img_pos, img_mask):
         x, mask = self.embeddings(img_feat, img_pos, img_mask)
-        attn = create_bidirectional_mask(config=self.config, inputs_embeds=x, attention_mask=mask)
-        return self.encoder(x, attention_mask=attn).last_hidden_state
+        return self.encoder(x, attention_mask=attention_mask_4d(self.config, mask, x.dtype)).last_hidden_state
+
+
+def attention_mask_4d(config: BertConfig, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The [B, 1, L, L] attention mask for `config`'s attention implementation (bool for SDPA, additive
+    `dtype` for eager), always built.
+
+    transformers builds it too when handed the 2-d mask, but for SDPA it first asks whether any position
+    is padded (`padding_mask.all()` in masking_utils) so that an unpadded batch can go without a mask to
+    the flash kernel: a read of a device value, so the host waits for the device once per encoder
+    forward. Our batches are padded (captions of varied length, 10-100 regions), so the skip would
+    rarely apply while the wait is paid every time; a 4-d mask is taken as it is, and that read never
+    happens. (transformers 5.17-5.23, masking_utils.create_bidirectional_mask.)"""
+    embeds = mask.new_empty((mask.shape[0], mask.shape[1], 0), dtype=dtype)  # shape, dtype and device only
+    return create_bidirectional_mask(config=config, inputs_embeds=embeds, attention_mask=mask,
+                                     allow_is_bidirectional_skip=False)
+
+
 
 
 class ProjectionHead(nn.Module):
@@ -153,20 +169,46 @@ def tie_mlm_decoder(heads: PretrainHeads, text: BertModel) -> None:
     deepspeed.zero.register_external_parameter(heads.mlm, text.embeddings.word_embeddings.weight)
 
 
+ATTENTION = ("sdpa", "eager")
+
+
+def set_attention(encoder, impl: str) -> None:
+    """Select transformers' attention implementation of a BertModel or ImageEncoder.
+
+    transformers 5 already picks "sdpa" for BERT when nothing is asked for (PreTrainedModel.__init__
+    -> get_correct_attn_implementation; falling back to "eager" only where SDPA cannot dispatch), and the
+    image encoder, a BertPreTrainedModel, gets the same default. We set it explicitly anyway: a config
+    or export that says "eager" would otherwise silently run the slower path. SDPA is
+    torch.nn.functional.scaled_dot_product_attention (flash / memory-efficient kernels on CUDA; with a
+    padding mask, the memory-efficient one). "flash_attention_2" would need the flash-attn package."""
+    if impl not in ATTENTION:
+        raise ModelError(f"attention implementation {impl!r}: expected one of {', '.join(ATTENTION)}")
+    if hasattr(encoder, "set_attn_implementation"):
+        encoder.set_attn_implementation(impl)
+    else:  # older transformers
+        encoder.config._attn_implementation = impl
+
+
 class DualEncoder(nn.Module):
     def __init__(self, text: BertModel, image: ImageEncoder, *, projection: bool, normalize: bool,
                  contrastive: ContrastiveLoss, pretrain_heads: PretrainHeads | None = None,
-                 proj_dim: int | None = None):
+                 proj_dim: int | None = None, attention: str = "sdpa"):
         super().__init__()
         self.pretrain_heads = pretrain_heads
         if pretrain_heads is not None:
             tie_mlm_decoder(pretrain_heads, text)
         self.text, self.image = text, image
+        self.set_attention(attention)
         h = text.config.hidden_size
         self.text_proj = ProjectionHead(h, out=proj_dim) if projection else nn.Identity()
         self.image_proj = ProjectionHead(h, out=proj_dim) if projection else nn.Identity()
         self.normalize = normalize
         self.set_contrastive(contrastive)
+
+    def set_attention(self, impl: str) -> None:
+        """"sdpa" (the default) or "eager" in both encoders (set_attention says why it is explicit)."""
+        for encoder in (self.text, self.image):
+            set_attention(encoder, impl)
 
     def set_contrastive(self, contrastive: ContrastiveLoss) -> None:
         """The loss module owns the (learnable) logit scale, so the engine optimizes it. Its forward is
@@ -189,7 +231,9 @@ class DualEncoder(nn.Module):
 
     def text_states(self, input_ids, attention_mask) -> torch.Tensor:
         """All token outputs [B, L, H]; position 0 is [CLS]."""
-        return self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # The 4-d mask in the dtype BertModel would give it (its embeddings' output: the parameters' dtype).
+        mask = attention_mask_4d(self.text.config, attention_mask, self.text.embeddings.LayerNorm.weight.dtype)
+        return self.text(input_ids=input_ids, attention_mask=mask).last_hidden_state
 
     def image_states(self, img_feat, img_pos, img_mask) -> torch.Tensor:
         """All outputs [B, 1 + N, H]; position 0 is [CLS], 1.. the regions."""
@@ -215,3 +259,28 @@ def enable_grad_checkpointing(model: DualEncoder) -> None:
             encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def compile_regions(model: DualEncoder, **compile_kwargs) -> list[str]:
+    """Regional torch.compile, torchtitan's way: each transformer layer of both encoders and each head is
+    compiled on its own, never the whole model. The layers are identical blocks, so one compiled graph
+    serves all of them (compile time of one layer, not of the model); the code around them (embeddings,
+    masks, the cross-rank loss, DeepSpeed's hooks) stays eager, and the model's structure and state-dict
+    keys stay as they are (nn.Module.compile compiles in place, unlike torch.compile(module), which wraps
+    it under `_orig_mod.`), so checkpoints, exports and ZeRO-3's per-module hooks see the same modules.
+
+    Call it after enable_grad_checkpointing: a checkpointed layer's recomputation then runs inside the
+    compiled region. Returns the compiled modules' names."""
+    names = []
+    regions = [(f"{side}.encoder.layer.{i}", layer) for side in ("text", "image")
+               for i, layer in enumerate(getattr(model, side).encoder.layer)]
+    regions += [(name, head) for name, head in (("text_proj", model.text_proj), ("image_proj", model.image_proj))
+                if isinstance(head, ProjectionHead)]
+    heads = model.pretrain_heads
+    if heads is not None:
+        regions += [("pretrain_heads.mlm", heads.mlm), ("pretrain_heads.mrfr", heads.mrfr)]
+        regions += [("pretrain_heads.mrc", heads.mrc)] if heads.mrc is not None else []
+    for name, module in regions:
+        module.compile(**compile_kwargs)
+        names.append(name)
+    return names

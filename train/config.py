@@ -63,6 +63,16 @@ class ModelConfig:
     """Recompute each encoder layer's activations during the backward instead of keeping them
     (transformers' gradient checkpointing, non-reentrant): a layer then holds only its input, for
     about one more forward of compute. What lets large contrastive batches fit on a GPU."""
+    compile: bool = False
+    """Regional torch.compile (torchtitan's way): each transformer layer of both encoders, the [CLS]
+    projections and the pretraining heads are compiled one by one, the rest stays eager. The first steps
+    pay the compilation (one graph serves every layer; a new batch shape, e.g. under data.token_budget,
+    compiles once more before shapes are taken as dynamic); losses and gradients equal eager's
+    (tests/model/test_compile.py). Composes with grad_checkpointing and every ZeRO stage. On CPU it
+    needs a C++ compiler. Off by default: measure it on your GPU (benchmarks/train.py --compile)."""
+    attention: Literal["sdpa", "eager"] = "sdpa"
+    """Attention in both encoders: torch's scaled_dot_product_attention (fused kernels on GPU), or
+    transformers' eager matmul-softmax-matmul. Same results (tests/model/test_attention.py)."""
     image_init: Optional[str] = None
     """A UNITER checkpoint (LightningDOT's uniter-base.pt: UNITER under bert.*, or uniter.*): the image
     encoder starts from it, as the original fine-tuning does; its size comes from the file (image_layers

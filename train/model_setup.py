@@ -4,8 +4,8 @@ from __future__ import annotations
 from transformers import AutoTokenizer, BertConfig, BertModel
 
 from ldot.kernels import ContrastiveLoss
-from ldot.model import (DualEncoder, ImageEncoder, PretrainHeads, enable_grad_checkpointing, load_dual_encoder,
-                        resolve_text_encoder, tie_mlm_decoder)
+from ldot.model import (DualEncoder, ImageEncoder, PretrainHeads, compile_regions, enable_grad_checkpointing,
+                        load_dual_encoder, resolve_text_encoder, tie_mlm_decoder)
 from ldot.train.config import LossConfig, ModelConfig
 from ldot.train.errors import ConfigError
 
@@ -16,8 +16,11 @@ def build_dual_encoder(model_cfg: ModelConfig, loss_cfg: LossConfig, feature_dim
 
     pretrain adds the VMLM/MRFR/MRC-kl heads (MRC-kl only when the data has num_classes > 0)."""
     tokenizer, model = _build(model_cfg, loss_cfg, feature_dim, pretrain, num_classes)
+    model.set_attention(model_cfg.attention)
     if model_cfg.grad_checkpointing:
         enable_grad_checkpointing(model)
+    if model_cfg.compile:  # last: a checkpointed layer is compiled with its recomputation
+        compile_regions(model)
     return tokenizer, model
 
 
