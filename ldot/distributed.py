@@ -1,8 +1,18 @@
 """Process-group setup: rank, world size and device from torchrun, srun or a plain single process; and
-host-side agreement between ranks (a preemption flag, batch sizes) that never waits on a device."""
+host-side agreement between ranks (a preemption flag, batch sizes) that never waits on a device.
+
+The process group's timeout bounds how long a rank waits in a collective for the others:
+LDOT_DIST_TIMEOUT_S seconds (default 600, DeepSpeed's own default). A node that dies or hangs then ends
+the job after that long with one line naming the cause (collective_failure) instead of holding its
+allocation until the job's time limit. It must exceed the longest stretch one rank works while the
+others wait at a collective (a checkpoint save, rank 0's export at the end).
+"""
 from __future__ import annotations
 
+import datetime
+import logging
 import os
+import re
 import socket
 from dataclasses import dataclass
 
@@ -16,6 +26,7 @@ class DistInfo:
     local_rank: int
     device: torch.device
     backend: str
+    timeout_s: float = 0.0  # the process group's timeout (LDOT_DIST_TIMEOUT_S)
     # gloo over all ranks for host-side values (None: the default group, itself gloo on CPU). A small
     # collective on CPU tensors lets ranks agree without reading anything back from a GPU, so the
     # host can stay ahead of the device's queue.
@@ -41,6 +52,58 @@ class DistInfo:
         parts = [torch.empty_like(mine) for _ in range(self.world_size)]
         torch.distributed.all_gather(parts, mine, group=self.control_group)
         return [int(p[0]) for p in parts]
+
+
+log = logging.getLogger("ldot.distributed")
+
+DEFAULT_TIMEOUT_S = 600.0
+TIMEOUT_ENV = "LDOT_DIST_TIMEOUT_S"
+# What a collective raises when a peer is gone (gloo: a reset or closed connection) or silent (gloo: a
+# timed-out receive; NCCL: its watchdog's timeout).
+_LOST_PEER = re.compile(r"Timed out waiting|timed out|Connection (reset|closed) by peer|Connection refused|"
+                        r"Broken pipe|NCCL communicator was aborted|Watchdog caught collective operation timeout",
+                        re.IGNORECASE)
+
+
+def timeout_s() -> float:
+    """The process group timeout in seconds: LDOT_DIST_TIMEOUT_S, else 600."""
+    from ldot.errors import LdotError
+
+    value = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not value:
+        return DEFAULT_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise LdotError(f"{TIMEOUT_ENV}={value!r}: give the process group timeout in seconds (> 0)")
+    return seconds
+
+
+def collective_failure(exc: BaseException) -> str | None:
+    """One line for an exception that means another rank is gone or hung (None for any other exception)."""
+    import torch.distributed as dist
+
+    text = str(exc)
+    if not (isinstance(exc, getattr(dist, "DistError", ())) or (isinstance(exc, RuntimeError) and _LOST_PEER.search(text))):
+        return None
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    first = re.sub(r"^\[[^\]]*\.(cc|cpp):\d+\]\s*", "", first)  # gloo's source location
+    return (f"lost contact with another rank in a collective ({first[:200]}): a node or rank died or hangs; "
+            f"the process group timeout is {TIMEOUT_ENV}={timeout_s():g} s")
+
+
+def _describe(world: int, rank: int, backend: str, seconds: float) -> str:
+    """Where this rank meets the others: the rendezvous host as given and as resolved, the interfaces."""
+    host, port = os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?")
+    try:
+        resolved = socket.getaddrinfo(host, None, socket.AF_INET)[0][4][0]
+    except OSError as exc:
+        resolved = f"unresolved: {exc}"
+    ifaces = " ".join(f"{k}={os.environ[k]}" for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if os.environ.get(k))
+    return (f"rank {rank}/{world} on {socket.gethostname()}: {backend}, rendezvous {host} ({resolved}):{port}, "
+            f"timeout {seconds:g} s{', ' + ifaces if ifaces else ''}")
 
 
 def _free_port() -> int:
@@ -86,8 +149,13 @@ def init_distributed() -> DistInfo:
     else:
         device, backend = torch.device("cpu"), "gloo"
         _skip_cpu_shm_op()
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    seconds = timeout_s()
+    timeout = datetime.timedelta(seconds=seconds)
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
     world = torch.distributed.get_world_size()
-    control = torch.distributed.new_group(backend="gloo") if backend != "gloo" and world > 1 else None
-    return DistInfo(rank=torch.distributed.get_rank(), world_size=world, local_rank=local_rank, device=device,
-                    backend=backend, control_group=control)
+    rank = torch.distributed.get_rank()
+    control = torch.distributed.new_group(backend="gloo", timeout=timeout) if backend != "gloo" and world > 1 else None
+    if world > 1:
+        log.info("process group: %s", _describe(world, rank, backend, seconds))
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend,
+                    timeout_s=seconds, control_group=control)

@@ -2,7 +2,9 @@
 
 Runs under torchrun, deepspeed or srun. Exit codes of every rank: 0 done; 2 bad config or data (one-line
 message); 75 preempted (SIGUSR1/SIGTERM to any rank): a checkpoint was written, run again with
---resume auto. srun passes 75 on as the step's exit code; torchrun reports it as a worker failure.
+--resume auto; 1 with `error: rank R: lost contact with another rank in a collective ...` when a node
+or rank died or hung (after at most LDOT_DIST_TIMEOUT_S seconds, default 600). srun passes 75 on as
+the step's exit code; torchrun reports it as a worker failure.
 
 The config is read and its paths checked before torch, DeepSpeed and transformers are imported, so a
 typo is reported in a fraction of a second rather than after the trainer's start-up.
@@ -45,6 +47,18 @@ def main(argv: list[str] | None = None) -> int:
     except LdotError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Exception as exc:
+        from ldot.distributed import collective_failure
+
+        line = collective_failure(exc)
+        if line is None:
+            raise
+        # A rank gone or hung (LDOT_DIST_TIMEOUT_S): say so in one line and leave at once; the process
+        # group cannot be torn down with a peer missing (its destructor aborts or waits).
+        print(f"error: rank {rank}: {line}", file=sys.stderr, flush=True)
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(1)
     if outcome == "preempted":
         if rank == "0":
             print(f"preempted: checkpoint {path}; exit {EXIT_REQUEUE} (requeue with --resume auto)")
