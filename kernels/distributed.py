@@ -56,6 +56,10 @@ def global_contrastive_loss(
     impl: Impl = "auto",
     group=None,
     sizes: list[int] | None = None,
+    hard_image: torch.Tensor | None = None,
+    hard_text: torch.Tensor | None = None,
+    hard_image_groups: torch.Tensor | None = None,
+    hard_text_groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """CMR loss over the global batch, called on every rank with that rank's LOCAL features.
 
@@ -79,7 +83,19 @@ def global_contrastive_loss(
 
     Falls back to :func:`contrastive_loss` when torch.distributed is not initialized or the group
     has one rank.
+
+    Hard negatives (``hard_image``, ``hard_text``: ``[n, K, d]``, K mined columns per pair, with their
+    groups ``[n, K]``, needing ``group_ids``): every rank's hard images join the columns that every
+    caption is scored against, and every rank's hard captions those of every image, beside the in-batch
+    ones: the rows stay the global batch's n pairs, the columns become n(1 + K). As in the original
+    LightningDOT (and DPR, whose loss it took), one pair's hard negatives are negatives of every row. A
+    hard column of the same group as a row's positive (a duplicate of it) is left out of that row, like
+    a second caption of the same image. Nothing n x n(1 + K) is materialized: ``one_way_loss_sum``
+    walks the extended column set in tiles.
     """
+    if hard_image is not None or hard_text is not None:
+        return _with_hard_columns(text, image, logit_scale, group_ids, impl, group, sizes, hard_image, hard_text,
+                                  hard_image_groups, hard_text_groups)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return contrastive_loss(text, image, logit_scale, impl=impl, group_ids=group_ids)
     if impl == "reference":
@@ -107,4 +123,64 @@ def global_contrastive_loss(
     total = share.detach().clone()
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
     # The value is the global loss; the gradient is this rank's share only.
+    return share + (total - share).detach()
+
+
+def _check_hard(name: str, x, groups, n: int, d: int, like: torch.Tensor) -> None:
+    if x is None or groups is None:
+        raise KernelError(f"{name} and {name}_groups go together, with hard_image and hard_text both given")
+    if x.dim() != 3 or x.shape[0] != n or x.shape[2] != d or x.dtype != like.dtype or x.device != like.device:
+        raise KernelError(f"{name} must be [{n}, K, {d}] {like.dtype} on {like.device}; got {x.dtype} "
+                          f"{tuple(x.shape)} on {x.device}")
+    if groups.shape != x.shape[:2] or groups.dtype != torch.int64:
+        raise KernelError(f"{name}_groups must be int64 {tuple(x.shape[:2])}; got {groups.dtype} {tuple(groups.shape)}")
+
+
+def _with_hard_columns(text, image, logit_scale, group_ids, impl, group, sizes, hard_image, hard_text,
+                       hard_image_groups, hard_text_groups) -> torch.Tensor:
+    """The loss with K hard columns per pair in each direction (global_contrastive_loss's docstring)."""
+    if group_ids is None:
+        raise KernelError("hard negatives need group_ids: a hard column that duplicates a row's positive is "
+                          "recognized by its group")
+    if impl == "reference":
+        raise KernelError("hard negatives have no 'reference' impl; the tests hold a float64 one")
+    logit_scale, group_ids = _check_inputs(text, image, logit_scale, group_ids)
+    n, d = text.shape
+    _check_hard("hard_image", hard_image, hard_image_groups, n, d, text)
+    _check_hard("hard_text", hard_text, hard_text_groups, n, d, text)
+    k = hard_image.shape[1]
+    if hard_text.shape[1] != k:
+        raise KernelError(f"hard_image has {k} columns per pair and hard_text {hard_text.shape[1]}: give both K")
+    # This rank's columns: its pairs, then their hard negatives (pair-major), in each direction.
+    image_cols = torch.cat([image, hard_image.reshape(n * k, d)])
+    text_cols = torch.cat([text, hard_text.reshape(n * k, d)])
+    image_g = torch.cat([group_ids, hard_image_groups.reshape(n * k).to(group_ids.device)])
+    text_g = torch.cat([group_ids, hard_text_groups.reshape(n * k).to(group_ids.device)])
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+    if distributed:
+        rank = dist.get_rank(group)
+        if sizes is None:
+            sizes = _all_sizes(n, text.device, group)
+        elif len(sizes) != dist.get_world_size(group) or sizes[rank] != n:
+            raise KernelError(f"sizes {sizes} must list every rank's batch size; this rank ({rank}) has {n}")
+        total_n = sum(sizes)
+        # Every rank's block is its n_r pairs then its n_r * K hard rows, so the positive of local row i
+        # sits at the start of this rank's block + i. One gather for both directions (see above).
+        cols = [s * (1 + k) for s in sizes]
+        offset = sum(cols[:rank])
+        both = _GatherRows.apply(torch.cat([text_cols, image_cols], dim=1).contiguous(), cols, rank, group)
+        text_cols, image_cols = both[:, :d], both[:, d:]
+        text_g = _gather_rows_nograd(text_g, cols, group)
+        image_g = _gather_rows_nograd(image_g, cols, group)
+    else:
+        total_n, offset = n, 0
+    if total_n == 0:
+        raise KernelError("global_contrastive_loss needs at least one pair across ranks")
+    rows = one_way_loss_sum(text, image_cols, logit_scale, offset=offset, ga=group_ids, gb=image_g, impl=impl)
+    cols_ = one_way_loss_sum(image, text_cols, logit_scale, offset=offset, ga=group_ids, gb=text_g, impl=impl)
+    share = (rows + cols_) / (2 * total_n)
+    if not distributed:
+        return share
+    total = share.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
     return share + (total - share).detach()
