@@ -135,6 +135,17 @@ def _skip_cpu_shm_op() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def _every_group_times_out(timeout: datetime.timedelta) -> None:
+    """The timeout for every process group, not the default one alone. torch gives a group made without a
+    timeout its module default (30 minutes), not the default group's, and DeepSpeed makes its data-parallel
+    group that way (a clone of the world group: ZeRO's gradient norm and reductions run on it), so a
+    lost node would hang a step for half an hour. torch reads that default from these two module names."""
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    distributed_c10d.default_pg_nccl_timeout = timeout
+
+
 def init_distributed() -> DistInfo:
     import deepspeed
 
@@ -151,6 +162,7 @@ def init_distributed() -> DistInfo:
         _skip_cpu_shm_op()
     seconds = timeout_s()
     timeout = datetime.timedelta(seconds=seconds)
+    _every_group_times_out(timeout)
     deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
     world = torch.distributed.get_world_size()
     rank = torch.distributed.get_rank()

@@ -137,10 +137,12 @@ _ldot_on_term() {
 ldot_step() {
     local name=$1 tasks=$2
     shift 2
-    # Once one task has ended the others get 120 s, then srun ends them: a crashed rank does not leave
-    # the rest hanging in a collective, and a preempted rank 0 still finishes its checkpoint and
-    # MLflow records (--kill-on-bad-exit would cut it short as soon as another rank exits 75).
-    local -a opts=(--kill-on-bad-exit=0 --wait=120 --open-mode=append "--output=$LDOT_LOG_DIR/$name.%t.log")
+    # Once one task has ended the others get LDOT_STEP_WAIT_S (120 s), then srun ends them: a crashed
+    # rank does not leave the rest hanging in a collective, and a preempted rank 0 still finishes its
+    # checkpoint and MLflow records (--kill-on-bad-exit would cut it short as soon as another rank exits
+    # 75). A rank that hangs without exiting is ended by the process group timeout (LDOT_DIST_TIMEOUT_S).
+    local -a opts=(--kill-on-bad-exit=0 "--wait=${LDOT_STEP_WAIT_S:-120}" --open-mode=append
+                   "--output=$LDOT_LOG_DIR/$name.%t.log")
     # Since Slurm 22.05 srun no longer inherits --cpus-per-task from the batch job: pass it on, or
     # each task gets a single CPU for its data workers.
     if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then opts+=("--cpus-per-task=$SLURM_CPUS_PER_TASK"); fi

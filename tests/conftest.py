@@ -27,7 +27,7 @@ def _marked() -> dict[tuple[int, float], psutil.Process]:
 
 
 # Test tiers, each run by its own make target (make test runs them all):
-#   slurm          tests using the slurm_cluster fixture: jobs on a real Slurm cluster
+#   slurm          tests using the slurm_cluster (or slurm_two_nodes) fixture: jobs on a real Slurm cluster
 #   mlflow_server  tests using the mlflow_server fixture: a real `mlflow server` process
 #   torchrun       marked by hand (@pytest.mark.torchrun): multi-process DeepSpeed jobs under torchrun
 #   the rest       the fast tier; `slow` marks those of it too slow for `make test-fast`
@@ -39,7 +39,7 @@ def _marked() -> dict[tuple[int, float], psutil.Process]:
 def pytest_collection_modifyitems(config, items):
     for item in items:
         fixtures = getattr(item, "fixturenames", ())
-        if "slurm_cluster" in fixtures:
+        if "slurm_cluster" in fixtures or "slurm_two_nodes" in fixtures:
             item.add_marker(pytest.mark.slurm)
         if "mlflow_server" in fixtures:
             item.add_marker(pytest.mark.mlflow_server)

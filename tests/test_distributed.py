@@ -38,15 +38,16 @@ def test_a_lost_peer_is_one_line_and_anything_else_is_not(monkeypatch):
 
 
 @pytest.mark.timeout(120)
-def test_the_timeout_reaches_the_process_group(tmp_path):
-    """A world of one: the default group and DeepSpeed's backend both carry LDOT_DIST_TIMEOUT_S."""
-    code = ("import torch.distributed as d; from ldot.distributed import init_distributed; i = init_distributed(); "
-            "from torch.distributed.distributed_c10d import _get_default_group as g; "
-            "print(i.timeout_s, g()._get_backend(__import__('torch').device('cpu')).options._timeout)")
+def test_the_timeout_reaches_every_process_group(tmp_path):
+    """A world of one: the default group and a group made later without a timeout of its own (as DeepSpeed
+    makes its data-parallel group, where ZeRO reduces) both carry LDOT_DIST_TIMEOUT_S."""
+    code = ("import torch, torch.distributed as d; from ldot.distributed import init_distributed; i = init_distributed(); "
+            "from torch.distributed.distributed_c10d import _get_default_group as g; cpu = torch.device('cpu'); "
+            "print(i.timeout_s, g()._get_backend(cpu).options._timeout, d.new_group()._get_backend(cpu).options._timeout)")
     env = {**os.environ, "LDOT_DIST_TIMEOUT_S": "37"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=100)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    seconds, timeout = proc.stdout.strip().splitlines()[-1].split(" ", 1)
-    assert float(seconds) == 37 and timeout == str(datetime.timedelta(seconds=37)), proc.stdout
+    seconds, default, later = proc.stdout.strip().splitlines()[-1].split(" ")
+    assert float(seconds) == 37 and default == later == str(datetime.timedelta(seconds=37)), proc.stdout

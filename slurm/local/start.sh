@@ -1,19 +1,33 @@
 #!/usr/bin/env bash
-# Starts a single-node Slurm cluster on this machine (munged, slurmctld, slurmd) for the tests and for
-# trying the sbatch scripts without a real cluster. Needs root; installs Debian's slurm-wlm and munge
-# with apt when they are missing. A second call stops the previous instance and starts afresh.
+# Starts a Slurm cluster on this machine (munged, slurmctld, slurmd) for the tests and for trying the
+# sbatch scripts without a real cluster. Needs root; installs Debian's slurm-wlm and munge with apt when
+# they are missing. A second call stops the previous instance and starts afresh.
 #
 #   sudo slurm/local/start.sh          # prints the line to eval: export SLURM_CONF=...
 #   eval "$(sudo slurm/local/start.sh | tail -n1)"; sbatch ...
 #   sudo slurm/local/stop.sh
 #
+# One node by default: this machine itself (its short hostname, all its CPUs, 127.0.0.1).
+# LDOT_SLURM_NODES=2 (or more, at most one per CPU) makes each node a "host" of its own: a network
+# namespace with its own address on a bridge (interface `ldot0` inside, as a cluster's nodes share an
+# interface name), a UTS namespace with its own hostname (<prefix>1, <prefix>2, ...), its own slurmd
+# on its share of the CPUs and memory; slurmctld and munged, on this machine, serve them all. Inside
+# the namespaces the node names resolve to their addresses through /etc/netns/<namespace>/hosts (bound
+# over /etc/hosts for the node's slurmd and its jobs), so a job sees SLURM_JOB_NODELIST=<prefix>[1-2] and reaches
+# every node by name over the bridge, never over loopback. stop.sh removes the namespaces, links,
+# bridge and hosts files again.
+#
 # Settings (environment): LDOT_SLURM_LOCAL_DIR (state, logs, slurm.conf, its munged's socket; default
 # /var/tmp/ldot-slurm), LDOT_SLURM_CTLD_PORT / LDOT_SLURM_SLURMD_PORT (default 6817 / 6818),
-# LDOT_SLURM_INSTALL=0 (never apt). Clusters with their own directory and ports share nothing, munged
-# included (each runs its own on a socket in its directory), so several can run on one machine: the
-# tests start one per session (tests/slurm/conftest.py). The directory must be one the munge user can
-# reach (not under a root-only 0700 folder).
-# Exit 77 means "cannot run here" (not root, no apt, packages missing): the tests skip on it.
+# LDOT_SLURM_INSTALL=0 (never apt); with several nodes LDOT_SLURM_NODE_PREFIX (node names, default
+# ldot<ctld port>n) and LDOT_SLURM_SUBNET (the bridge's /24 as its first three octets, default
+# 10.<ctld port / 256>.<ctld port % 256>; this machine is .1 on it, node i is .(i+1)). Clusters with
+# their own directory and ports share nothing, munged included (each runs its own on a socket in its
+# directory), and several-node clusters with other ports also use other namespaces, links and subnets,
+# so several can run on one machine: the tests start one per session (tests/slurm/conftest.py). The
+# directory must be one the munge user can reach (not under a root-only 0700 folder).
+# Exit 77 means "cannot run here" (not root, no apt, packages missing, no network namespaces): the
+# tests skip on it.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -21,6 +35,7 @@ STATE=${LDOT_SLURM_LOCAL_DIR:-/var/tmp/ldot-slurm}
 CTLD_PORT=${LDOT_SLURM_CTLD_PORT:-6817}
 SLURMD_PORT=${LDOT_SLURM_SLURMD_PORT:-6818}
 CONF=$STATE/etc/slurm.conf
+NODES=${LDOT_SLURM_NODES:-1}
 
 cannot() { echo "local slurm: cannot start: $*" >&2; exit 77; }
 fail() { echo "local slurm: error: $*" >&2; exit 1; }
@@ -74,14 +89,48 @@ if ! munge_ok; then
     munge_ok || fail "munged started but munge/unmunge fail (see $MUNGE_DIR/munged.log)"
 fi
 
-# -- slurm.conf from this machine: its short hostname, its CPUs, 90% of its memory ------------
+# -- the nodes: this machine, or one network + UTS namespace per node ----------------------------
 host=$(hostname -s)
 cpus=$(nproc)
 mem_mb=$(awk '/^MemTotal:/ {printf "%d", $2 / 1024 * 0.9}' /proc/meminfo)
+if ((NODES == 1)); then
+    ctld_addr=127.0.0.1
+    node_lines="NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN"
+    node_names=$host
+    node_list=$host
+    per_node="SlurmdPidFile=$STATE/run/slurmd.pid
+SlurmdSpoolDir=$STATE/spool
+SlurmdLogFile=$STATE/log/slurmd.log"
+else
+    # shellcheck source=slurm/local/netns.sh
+    source "$here/netns.sh"
+    ldot_nodes_plan || cannot "$LDOT_NODES_ERROR"
+    ldot_nodes_up || fail "$LDOT_NODES_ERROR"
+    ctld_addr=$LDOT_NET_HOST_ADDR
+    cpus=$((cpus / NODES))
+    mem_mb=$((mem_mb / NODES))
+    node_lines=""
+    for i in "${!LDOT_NODE_NAMES[@]}"; do
+        node_lines+="NodeName=${LDOT_NODE_NAMES[$i]} NodeHostname=${LDOT_NODE_NAMES[$i]} NodeAddr=${LDOT_NODE_ADDRS[$i]} CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN"$'\n'
+        mkdir -p "$STATE/spool/${LDOT_NODE_NAMES[$i]}"
+    done
+    node_names=${LDOT_NODE_NAMES[*]}
+    node_list=$LDOT_NODE_PREFIX[1-$NODES]
+    # one slurmd per node on one machine: each its own pid file, spool directory and log (%n: node name);
+    # the nodes' CPUs and memory are the configured shares, not what each slurmd finds on the machine;
+    # messages go straight to each node, never forwarded through another one.
+    per_node="SlurmdPidFile=$STATE/run/slurmd-%n.pid
+SlurmdSpoolDir=$STATE/spool/%n
+SlurmdLogFile=$STATE/log/slurmd-%n.log
+SlurmdParameters=config_overrides
+TreeWidth=65533"
+fi
+
+# -- slurm.conf: the controller on this machine, the nodes above -----------------------------------
 cat >"$CONF" <<CONF
-# Generated by slurm/local/start.sh for a single-node test cluster on $host; regenerated on every start.
+# Generated by slurm/local/start.sh for a $NODES-node test cluster on $host; regenerated on every start.
 ClusterName=ldot-local
-SlurmctldHost=$host(127.0.0.1)
+SlurmctldHost=$host($ctld_addr)
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
 SlurmUser=root
@@ -91,11 +140,9 @@ CredType=cred/munge
 # A requeued job waits cred_expire seconds (default 120) before it may start again: keep tests short.
 AuthInfo=cred_expire=5,socket=$SOCKET
 StateSaveLocation=$STATE/statesave
-SlurmdSpoolDir=$STATE/spool
 SlurmctldPidFile=$STATE/run/slurmctld.pid
-SlurmdPidFile=$STATE/run/slurmd.pid
 SlurmctldLogFile=$STATE/log/slurmctld.log
-SlurmdLogFile=$STATE/log/slurmd.log
+$per_node
 # Containers rarely offer usable cgroups: track processes through /proc, bind nothing.
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -116,9 +163,11 @@ MinJobAge=600
 KillWait=30
 InactiveLimit=0
 SlurmctldTimeout=120
+# How long a node may not answer before it is declared down (the controller pings every third of it):
+# longer than the tests cut a node's link for (tests/slurm/test_two_nodes.py), so they end as they choose.
 SlurmdTimeout=300
-NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
-PartitionName=local Nodes=$host Default=YES MaxTime=INFINITE State=UP
+$node_lines
+PartitionName=local Nodes=$node_list Default=YES MaxTime=INFINITE State=UP
 CONF
 
 export SLURM_CONF=$CONF
@@ -132,21 +181,32 @@ if ! start_ctld; then  # unreadable saved state (e.g. another Slurm version): st
     rm -rf "$STATE/statesave" && mkdir -p "$STATE/statesave" "$STATE/run"
     start_ctld || fail "slurmctld did not start (see $STATE/log/slurmctld.log)"
 fi
-slurmd -f "$CONF" 9>&- || fail "slurmd did not start (see $STATE/log/slurmd.log)"
-for _ in $(seq 50); do [[ $(sinfo -h -n "$host" -o %T 2>/dev/null) =~ ^(idle|mixed|allocated|completing) ]] && break; sleep 0.2; done
+if ((NODES == 1)); then
+    slurmd -f "$CONF" 9>&- || fail "slurmd did not start (see $STATE/log/slurmd.log)"
+else
+    for i in "${!LDOT_NODE_NAMES[@]}"; do
+        ldot_node_slurmd "$i" "$CONF" 9>&- || fail "slurmd of ${LDOT_NODE_NAMES[$i]} did not start (see $STATE/log/slurmd-${LDOT_NODE_NAMES[$i]}.log)"
+    done
+fi
+node_states() { sinfo -h -N -n "$node_list" -o %T 2>/dev/null; }
+all_are() { local want=$1 states; states=$(node_states); [[ -n $states ]] && ! grep -qvE "^($want)" <<<"$states"; }
+for _ in $(seq 50); do all_are 'idle|mixed|allocated|completing' && break; sleep 0.2; done
 # Jobs that an unclean stop left in the saved state must not run on here; slurmd is up, so their
 # surviving processes (found through the spool directory) are ended too.
 scancel --user=root >/dev/null 2>&1 || true
 
-state=""
 for _ in $(seq 150); do
-    state=$(sinfo -h -n "$host" -o %T 2>/dev/null | head -n1)
-    [[ $state == idle* ]] && break
-    if [[ $state == down* || $state == drain* ]]; then  # e.g. left "down" by an unclean stop
-        scontrol update nodename="$host" state=resume >/dev/null 2>&1 || true
+    all_are idle && break
+    if grep -qE '^(down|drain)' <<<"$(node_states)"; then  # e.g. left "down" by an unclean stop
+        scontrol update nodename="$node_list" state=resume >/dev/null 2>&1 || true
     fi
     sleep 0.2
 done
-[[ $state == idle* ]] || fail "node $host is '$state', not idle (see $STATE/log/slurmd.log, $STATE/log/slurmctld.log)"
-say "up: node $host, $cpus CPUs, ${mem_mb} MB, partition 'local'; state in $STATE"
+all_are idle || fail "nodes $node_list are '$(node_states | tr '\n' ' ')', not idle (see $STATE/log/slurmd*.log, $STATE/log/slurmctld.log)"
+if ((NODES == 1)); then
+    say "up: node $host, $cpus CPUs, ${mem_mb} MB, partition 'local'; state in $STATE"
+else
+    say "up: nodes $node_names ($(IFS=,; echo "${LDOT_NODE_ADDRS[*]}") on bridge $LDOT_NET_BRIDGE, interface" \
+        "$LDOT_NET_IFNAME inside), $cpus CPUs and ${mem_mb} MB each, partition 'local'; state in $STATE"
+fi
 echo "export SLURM_CONF=$CONF"

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Stops the local cluster started by slurm/local/start.sh: cancels its jobs, stops slurmd, slurmctld
-# and the cluster's own munged (--keep-munge leaves it running). Safe to run twice.
+# Stops the local cluster started by slurm/local/start.sh: cancels its jobs, stops every slurmd,
+# slurmctld and the cluster's own munged (--keep-munge leaves it running); a several-node cluster's
+# namespaces, links, bridge and hosts files go too (slurm/local/netns.sh). Safe to run twice, and after
+# a start that failed halfway.
 set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 STATE=${LDOT_SLURM_LOCAL_DIR:-/var/tmp/ldot-slurm}
 CONF=$STATE/etc/slurm.conf
@@ -35,7 +39,12 @@ if [[ -f $CONF ]] && SLURM_CONF=$CONF timeout 10 scontrol ping >/dev/null 2>&1; 
         sleep 0.2
     done
 fi
-stop_pidfile "$STATE/run/slurmd.pid" slurmd
+for pidfile in "$STATE"/run/slurmd.pid "$STATE"/run/slurmd-*.pid; do
+    if [[ -e $pidfile ]]; then stop_pidfile "$pidfile" slurmd; fi
+done
+# shellcheck source=slurm/local/netns.sh
+source "$here/netns.sh"
+ldot_nodes_down  # the nodes' namespaces, links and bridge, when this cluster had several
 stop_pidfile "$STATE/run/slurmctld.pid" slurmctld
 [[ $keep_munge == 1 ]] || stop_pidfile "$STATE/munge/munged.pid" munged  # this cluster's own (start.sh)
 exit 0

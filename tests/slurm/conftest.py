@@ -11,6 +11,11 @@ session's jobs (LDOT_MASTER_PORT_BASE/SPAN), so two test runs on one machine sha
 a port nor a job's rendezvous, even where their job ids are equal. Job ids count on from the last
 session that held the same block (start.sh keeps the saved state), and every test writes its runs
 under its own tmp_path, so no two sessions' output directories meet either.
+
+`slurm_two_nodes` is a second cluster of the session, with a block of its own: two nodes, each a network
+and UTS namespace of its own on a bridge (LDOT_SLURM_NODES=2, slurm/local/netns.sh), one CPU each. Its
+finalizer runs stop.sh, which removes the namespaces, links, bridge and hosts files whatever the tests did;
+so does a start that fails halfway.
 """
 from __future__ import annotations
 
@@ -38,9 +43,18 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 
 
 @dataclass
+class Node:
+    name: str    # its hostname and Slurm node name
+    addr: str    # its address on the bridge
+    netns: str   # its network namespace (ip netns)
+    veth: str    # this machine's end of its link: counters, and `ip link set ... down` cuts the node off
+
+
+@dataclass
 class SlurmCluster:
     conf: Path
     port_base: int  # the session's port block: controller, slurmd, then its jobs' MASTER_PORTs
+    nodes: tuple[Node, ...] = ()  # several-node clusters: each node's namespace and link
 
     @property
     def job_env(self) -> dict[str, str]:
@@ -153,9 +167,18 @@ def _take_port_block():
     pytest.skip(f"no free block of {PORT_BLOCK} ports in {PORT_BLOCKS.start}-{PORT_BLOCKS.stop} for a Slurm cluster")
 
 
+def _nodes(state: Path, port: int) -> tuple[Node, ...]:
+    """The nodes slurm/local/netns.sh made (its nodes.env and the addresses in the generated slurm.conf)."""
+    lines = [dict(f.split("=", 1) for f in line.split()) for line in
+             (state / "etc" / "slurm.conf").read_text().splitlines() if line.startswith("NodeName=")]
+    return tuple(Node(name=n["NodeName"], addr=n["NodeAddr"], netns=f"ldot{port}n{i}", veth=f"ldv{port}n{i}")
+                 for i, n in enumerate(lines, start=1))
+
+
 @contextlib.contextmanager
-def local_cluster():
-    """A cluster of its own (port block, state directory, munged), stopped on leaving."""
+def local_cluster(nodes: int = 1):
+    """A cluster of its own (port block, state directory, munged), stopped on leaving; `nodes` > 1: that
+    many nodes in namespaces of their own (slurm/local/netns.sh)."""
     if os.geteuid() != 0:
         pytest.skip("Slurm tests need root: they install slurm-wlm/munge with apt and run slurmd as root")
     if not (shutil.which("slurmctld") and shutil.which("munged")) and not shutil.which("apt-get"):
@@ -166,13 +189,14 @@ def local_cluster():
     # jobs they run carry the submitting test's environment, mark included
     daemon_env = {k: v for k, v in os.environ.items() if k != "LDOT_TEST_SESSION"}
     daemon_env.update(LDOT_SLURM_LOCAL_DIR=str(state), LDOT_SLURM_CTLD_PORT=str(base),
-                      LDOT_SLURM_SLURMD_PORT=str(base + 1))
+                      LDOT_SLURM_SLURMD_PORT=str(base + 1), LDOT_SLURM_NODES=str(nodes))
     try:
         proc = subprocess.run([str(LOCAL / "start.sh")], capture_output=True, text=True, timeout=900, env=daemon_env)
         if proc.returncode == CANNOT:
             pytest.skip(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "slurm/local/start.sh: cannot start")
         assert proc.returncode == 0, f"slurm/local/start.sh failed:\n{proc.stdout}\n{proc.stderr}"
-        yield SlurmCluster(conf=state / "etc" / "slurm.conf", port_base=base)
+        yield SlurmCluster(conf=state / "etc" / "slurm.conf", port_base=base,
+                           nodes=_nodes(state, base) if nodes > 1 else ())
     finally:
         subprocess.run([str(LOCAL / "stop.sh")], capture_output=True, text=True, timeout=300, env=daemon_env)
         lock.close()
@@ -181,6 +205,13 @@ def local_cluster():
 @pytest.fixture(scope="session")
 def slurm_cluster():
     with local_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def slurm_two_nodes():
+    """Two nodes, each in its own network and UTS namespace with one CPU, one controller and munged."""
+    with local_cluster(nodes=2) as cluster:
         yield cluster
 
 
