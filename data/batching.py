@@ -56,6 +56,7 @@ def collate_train(samples: list[dict], pad_id: int, with_cls: bool = False) -> d
     batch = {"input_ids": ids, "attention_mask": attention}
     batch.update(collate_images(samples, with_cls))
     batch["group_ids"] = torch.tensor([s["__index__"] for s in samples], dtype=torch.int64)
+    batch["caption_index"] = torch.tensor([s.get("__caption__", 0) for s in samples], dtype=torch.int64)
     batch["image_id"] = [s[schema.META]["image_id"] for s in samples]
     return batch
 

@@ -272,7 +272,8 @@ class _SlotStream(torch.utils.data.IterableDataset):
             """Caption choice and tokenization: functions of (seed, epoch, image), not of position or worker."""
             rng = random.Random(make_seed(cfg.seed, sample["__pos__"][0], sample["__index__"]))
             caps = sample[schema.META]["captions"]
-            caption = caps[rng.randrange(len(caps))]
+            sample["__caption__"] = rng.randrange(len(caps))  # which of the image's captions: its mined negatives
+            caption = caps[sample["__caption__"]]
             sample["__ids__"] = self.tokenizer(caption, truncation=True, max_length=cfg.max_text_len)["input_ids"]
             return sample
 
@@ -293,7 +294,8 @@ class TrainLoader:
 
     Batch (torch tensors): input_ids / attention_mask [B, L] int64 (one random caption per image per
     epoch), img_feat [B, N, D] float32, img_pos [B, N, 7] float32 (x1,y1,x2,y2,w,h,area), img_mask [B, N]
-    int64 (1 = real region), group_ids [B] int64 (the image's index in the dataset), image_id list[str].
+    int64 (1 = real region), group_ids [B] int64 (the image's index in the dataset), caption_index [B] int64
+    (which of the image's captions), image_id list[str].
     Optional key: img_cls [B, N, C] float32 (``with_cls``). VMLM/SMRM masks are not drawn here: the
     trainer draws them on the device for the step's task only (train/objectives.py).
 
@@ -431,6 +433,10 @@ class TrainLoader:
     def merge_states(states: list[dict]) -> dict:
         """One state from every rank's (in rank order): the positions of all the run's slots. A loader on any
         number of ranks loads it (load_state_dict) and takes the slots it reads."""
+        if "mix" in states[0]:  # several training sets (ldot.data.mixing): merged set by set
+            from ldot.data.mixing import MixedLoader
+
+            return MixedLoader.merge_states(states)
         states = [_upgrade(s) for s in states]
         first = states[0]
         for s in states[1:]:

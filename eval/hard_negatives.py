@@ -28,8 +28,11 @@ def _first_k_not(ids: np.ndarray, scores: np.ndarray, positive: np.ndarray, k: i
     return np.where(kept, out_ids, -1), np.where(kept, out_scores, np.nan)
 
 
-def mine(top: TopK, caption_image, k: int) -> dict[str, np.ndarray]:
+def mine(top: TopK, caption_image, k: int, image_key=None) -> dict[str, np.ndarray]:
     """The k best-ranked non-positives of every query row of ``top``.
+
+    ``image_key`` [num_images]: images of one key are one image (e.g. the first row of each image_id, so
+    that a dataset's duplicate samples of an image are not each other's negatives); default: the row.
 
     Returns txt2img_ids / txt2img_scores [q_cap, k] (images per caption query) and img2txt_ids /
     img2txt_scores [q_img, k] (captions per image query); -1 / NaN pad a row whose pool has fewer
@@ -37,10 +40,11 @@ def mine(top: TopK, caption_image, k: int) -> dict[str, np.ndarray]:
     if k < 1:
         raise ValueError(f"k must be positive, not {k}")
     cap_img = np.asarray(caption_image)
-    own_image = cap_img[top.ir_query]
-    ir_pos = top.ir_ids == own_image[:, None]
-    owner = np.where(top.tr_ids >= 0, cap_img[np.maximum(top.tr_ids, 0)], -1)
-    tr_pos = owner == top.tr_query[:, None]
+    key = np.arange(top.num_images) if image_key is None else np.asarray(image_key)
+    own_image = key[cap_img[top.ir_query]]
+    ir_pos = np.where(top.ir_ids >= 0, key[np.maximum(top.ir_ids, 0)], -1) == own_image[:, None]
+    owner = np.where(top.tr_ids >= 0, key[cap_img[np.maximum(top.tr_ids, 0)]], -1)
+    tr_pos = owner == key[top.tr_query][:, None]
     t_ids, t_scores = _first_k_not(top.ir_ids, top.ir_scores, ir_pos, k)
     i_ids, i_scores = _first_k_not(top.tr_ids, top.tr_scores, tr_pos, k)
     return {"txt2img_ids": t_ids, "txt2img_scores": t_scores, "img2txt_ids": i_ids, "img2txt_scores": i_scores}

@@ -104,8 +104,10 @@ class CheckpointManager:
         return tag
 
     # -- save / load -------------------------------------------------------------------------
-    def save(self, engine, step: int, trainer_state: dict[str, Any], loader_state: dict[str, Any]) -> Path:
-        """All ranks call this. Rank-local state (loader position, RNG streams) goes into one file per rank."""
+    def save(self, engine, step: int, trainer_state: dict[str, Any], loader_state: dict[str, Any],
+             files: dict[str, bytes] | None = None) -> Path:
+        """All ranks call this. Rank-local state (loader position, RNG streams) goes into one file per rank;
+        `files` (name -> content, the same on every rank, e.g. the mined hard negatives) are written by rank 0."""
         tag = tag_for(step)
         path = self.dir / tag
         if self.rank == 0 and path.exists():  # a leftover of a crashed save of this same step
@@ -117,6 +119,8 @@ class CheckpointManager:
         os.replace(rank_file.with_suffix(".tmp"), rank_file)
         dist.barrier()  # every rank's files are on disk before the marker
         if self.rank == 0:
+            for name, content in (files or {}).items():
+                write_atomic(path / name, content)
             write_atomic(path / TRAINER_STATE, json.dumps(trainer_state, indent=2))
             write_atomic(path / COMPLETE, "")
             self._prune()

@@ -10,7 +10,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -18,13 +18,41 @@ from ldot.train.errors import ConfigError
 
 
 @dataclass
+class TrainSet:
+    """One training set of a pretraining mix, with its own task ratios (None: the pretrain section's)."""
+    path: str = ""
+    cmr: Optional[float] = None
+    vmlm: Optional[float] = None
+    mrfr: Optional[float] = None
+    mrckl: Optional[float] = None
+
+    def __post_init__(self):
+        if not self.path:
+            raise ConfigError("data.train: every training set of a mix needs a path")
+        if any(r is not None and r < 0 for r in (self.cmr, self.vmlm, self.mrfr, self.mrckl)):
+            raise ConfigError(f"data.train: the task ratios of {self.path} must be >= 0")
+
+    def ratios(self, default: dict[str, float]) -> dict[str, float]:
+        return {t: default[t] if getattr(self, t) is None else getattr(self, t) for t in default}
+
+
+@dataclass
 class DataConfig:
-    train: str = ""
-    """Dataset directory of the training split (WebDataset shards + manifest.json)."""
+    train: Union[str, list[TrainSet]] = ""
+    """Dataset directory of the training split (WebDataset shards + manifest.json). For task=pretrain also
+    a list of training sets, each with its own task ratios, mixed as the original's MetaLoader mixes them:
+    every step draws one (set, task) pair with weight = that set's ratio of that task, from (seed, step),
+    so every rank trains the same set and task and a resumed run draws the same, e.g.
+    [{path: coco, cmr: 16, vmlm: 8, mrfr: 4, mrckl: 4}, {path: cc, cmr: 16, vmlm: 12, mrfr: 6, mrckl: 6}]."""
     val: Optional[str] = None
     """Dataset directory evaluated during training (recall); None disables it."""
-    batch_size: int = 32
-    """Image-caption pairs per rank per micro-step (ignored when token_budget is set)."""
+    batch_size: Optional[int] = None
+    """Image-caption pairs per rank per micro-step (ignored when token_budget is set). Set this or
+    global_batch_size, not both; neither: 32 per rank."""
+    global_batch_size: Optional[int] = None
+    """Image-caption pairs per optimizer step over all ranks and accumulation steps (the paper's batch: 96
+    for fine-tuning). Each rank's micro-batch is global_batch_size / (ranks x optim.grad_accum), which must
+    divide evenly; CMR's negatives are every rank's pairs of the micro-step: global_batch_size / grad_accum."""
     token_budget: Optional[int] = None
     """Batch by tokens + regions per rank instead (the paper: 10,240), with length bucketing; local
     batch sizes then differ across ranks, which the cross-rank CMR loss handles."""
@@ -34,12 +62,37 @@ class DataConfig:
     """Bad samples: skip (counted per reason, logged as skipped/<reason>) or stop with an error."""
 
     def __post_init__(self):
-        if self.batch_size < 1:
-            raise ConfigError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if isinstance(self.train, list) and not self.train:
+            raise ConfigError("data.train: an empty list of training sets")
+        if self.batch_size is not None and self.global_batch_size is not None:
+            raise ConfigError("data.batch_size (per rank) and data.global_batch_size are both set: keep one "
+                              "(the other =null)")
+        for key in ("batch_size", "global_batch_size"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"data.{key} must be >= 1, got {getattr(self, key)}")
+        if self.global_batch_size is not None and self.token_budget is not None:
+            raise ConfigError("data.global_batch_size and data.token_budget: a token budget batches per rank, "
+                              "set one")
         if self.token_budget is not None and self.token_budget < 1:
             raise ConfigError(f"data.token_budget must be >= 1, got {self.token_budget}")
         if self.max_text_len < 4:
             raise ConfigError(f"data.max_text_len must be >= 4, got {self.max_text_len}")
+
+    def micro_batch(self, world: int, grad_accum: int) -> int:
+        """Pairs per rank per micro-step on `world` ranks."""
+        if self.global_batch_size is None:
+            return 32 if self.batch_size is None else self.batch_size
+        per, rest = divmod(self.global_batch_size, world * grad_accum)
+        if rest or not per:
+            raise ConfigError(f"data.global_batch_size={self.global_batch_size} does not divide over {world} ranks x "
+                              f"optim.grad_accum={grad_accum}")
+        return per
+
+    def train_sets(self, ratios: dict[str, float]) -> list[tuple[str, dict[str, float]]]:
+        """(directory, task ratios) of every training set; one set: the given ratios."""
+        if isinstance(self.train, str):
+            return [(self.train, ratios)]
+        return [(s.path, s.ratios(ratios)) for s in self.train]
 
 
 @dataclass
@@ -116,6 +169,12 @@ class PretrainConfig:
     mrckl: float = 4.0
     """Needs class distributions (cls.npy) in the shards; set 0 when they have none."""
     mask_prob: float = 0.15
+    region_loss_reduction: Literal["original", "paper"] = "original"
+    """How MRFR and MRC-kl reduce over a masked region's feature dims / classes. original: the mean over
+    every element (the original code's `loss.mean()` over [masked regions, 2048] and [masked regions,
+    1601]), so its loss curves compare with the original runs' logs and the task balance under one AdamW
+    and clipping at 5.0 is theirs; paper: the sum per region (L2 distance, KL divergence, as the paper
+    writes them), averaged over masked regions: D = 2048x and C = 1601x the original's."""
 
     def __post_init__(self):
         if min(self.cmr, self.vmlm, self.mrfr, self.mrckl) < 0 or self.cmr + self.vmlm + self.mrfr + self.mrckl <= 0:
@@ -125,6 +184,37 @@ class PretrainConfig:
 
     def ratios(self) -> dict[str, float]:
         return {"cmr": self.cmr, "vmlm": self.vmlm, "mrfr": self.mrfr, "mrckl": self.mrckl}
+
+
+@dataclass
+class HardNegativesConfig:
+    """Fine-tuning with FAISS-mined hard negatives (train/hard_negatives.py), as the original's
+    --num_hard_negatives: each round the current model mines on all ranks, and every caption's CMR row gains
+    every pair's K hard images beside the in-batch negatives (every image's, every pair's K hard captions)."""
+    num_hard_negatives: int = 0
+    """K per pair and direction (the original's num_hard_negatives); 0: in-batch negatives only."""
+    sampling: Literal["random", "top"] = "random"
+    """The original's hard_negatives_sampling: K drawn at random from each query's mined pool every round
+    (what its code does), or the K best."""
+    pool: Optional[int] = None
+    """Mined depth per query (None: the original's min(max(2K + 10, 50), 1000))."""
+    every_epochs: int = 1
+    """Mine at the start of every N-th epoch of data.train."""
+    every_steps: Optional[int] = None
+    """Mine every N steps instead (the original's steps_per_hard_neg)."""
+    mine_at_start: bool = False
+    """Mine before step 1 too, with the starting model (the original's sample_init_hard_negatives); else the
+    first round trains on in-batch negatives only, as the original does by default."""
+    batch_size: int = 256
+    """Encoding batch of the mining pass."""
+
+    def __post_init__(self):
+        if self.num_hard_negatives < 0:
+            raise ConfigError(f"hard_negatives.num_hard_negatives must be >= 0, got {self.num_hard_negatives}")
+        if self.pool is not None and self.pool < max(1, self.num_hard_negatives):
+            raise ConfigError(f"hard_negatives.pool={self.pool} is below num_hard_negatives={self.num_hard_negatives}")
+        if self.every_epochs < 1 or (self.every_steps is not None and self.every_steps < 1) or self.batch_size < 1:
+            raise ConfigError("hard_negatives.every_epochs, every_steps and batch_size must be >= 1")
 
 
 @dataclass
@@ -226,8 +316,18 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    hard_negatives: HardNegativesConfig = field(default_factory=HardNegativesConfig)
 
     def __post_init__(self):
+        if isinstance(self.data.train, list) and self.task != "pretrain":
+            raise ConfigError(f"data.train: a list of training sets mixes pretraining tasks; task={self.task} "
+                              "takes one dataset directory")
+        if self.hard_negatives.num_hard_negatives:
+            if self.task != "finetune":
+                raise ConfigError(f"hard_negatives.num_hard_negatives: hard negatives are for task=finetune, not "
+                                  f"task={self.task}")
+            if self.loss.impl == "reference":
+                raise ConfigError("hard_negatives.num_hard_negatives: loss.impl=reference has no hard-negative columns")
         if not self.data.train:
             raise ConfigError("data.train is required: the training dataset directory")
         if self.eval.every_steps and not self.data.val:
@@ -249,7 +349,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        lists = [a for a in inner if typing.get_origin(a) is list]
+        if lists and isinstance(value, list):  # str | list[...]: the value's shape picks the arm
+            return _coerce(value, lists[0], key)
+        return _coerce(value, ([a for a in inner if a not in lists] or inner)[0], key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (arg,) = typing.get_args(tp)
+        return [_coerce(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):

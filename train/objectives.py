@@ -35,6 +35,15 @@ class TaskSampler:
         return str(np.random.default_rng([self.seed, step]).choice(self.tasks, p=self.p))
 
 
+def _cat_padded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a and b stacked along dim 0, each zero-padded along dim 1 (tokens, regions) to the longer one."""
+    width = max(a.shape[1], b.shape[1])
+
+    def pad(x):
+        return F.pad(x, (0, 0) * (x.dim() - 2) + (0, width - x.shape[1]))
+    return torch.cat([pad(a), pad(b)])
+
+
 def mask_generator(device: torch.device, seed: int, step: int, rank: int, micro: int) -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(int(np.random.SeedSequence([seed, step, rank, micro]).generate_state(1)[0]))
@@ -83,7 +92,7 @@ class Objectives:
 
     def __call__(self, task: str, batch: dict, g: torch.Generator | None, sizes: list[int] | None = None) -> torch.Tensor:
         if task == "cmr":
-            return self.cmr(batch, g, sizes=sizes)
+            return self.cmr_hard(batch, sizes=sizes) if "hard_img_feat" in batch else self.cmr(batch, g, sizes=sizes)
         return getattr(self, task)(batch, g)
 
     def cmr(self, batch: dict, g=None, sizes: list[int] | None = None) -> torch.Tensor:
@@ -117,6 +126,29 @@ class Objectives:
         z_0 = m.text_states(batch["input_ids"], batch["attention_mask"])[:, :1]
         return h_m + z_0, chosen
 
+    def cmr_hard(self, batch: dict, sizes: list[int] | None = None) -> torch.Tensor:
+        """CMR with every pair's mined hard negatives as extra columns (train/hard_negatives.py): the pairs and
+        their hard captions and images go through the encoders in one forward (padded to one length), then
+        the loss scores every rank's captions against every rank's images and hard images, and back."""
+        b, k = batch["input_ids"].shape[0], batch["hard_image_groups"].shape[1]
+        both = {name: _cat_padded(batch[name], batch[f"hard_{name}"])
+                for name in ("input_ids", "attention_mask", "img_feat", "img_pos", "img_mask")}
+        forward = getattr(self, "forward", self.model)  # the engine where the trainer gives one
+        text, image, scale = forward(both["input_ids"], both["attention_mask"], both["img_feat"], both["img_pos"],
+                                     both["img_mask"])
+        self.last_scale = None if scale is None else scale.detach()
+        d = text.shape[1]
+        return kernels.global_contrastive_loss(
+            text[:b], image[:b], scale, group_ids=batch["group_ids"], impl=self.model.contrastive.impl, sizes=sizes,
+            hard_image=image[b:].reshape(b, k, d), hard_text=text[b:].reshape(b, k, d),
+            hard_image_groups=batch["hard_image_groups"], hard_text_groups=batch["hard_text_groups"])
+
+    region_reduction = "original"  # pretrain.region_loss_reduction: "original" (element mean) or "paper" (sum)
+
+    def _per_region(self, per_element: torch.Tensor) -> torch.Tensor:
+        """[B, N, E] -> [B, N]: the mean over a region's E features/classes (original) or their sum (paper)."""
+        return per_element.mean(-1) if self.region_reduction == "original" else per_element.sum(-1)
+
     @staticmethod
     def _mean_over_chosen(per_region: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """The mean of `per_region` [B, N] over the chosen regions (where, not a product: no NaN leaks in)."""
@@ -127,7 +159,7 @@ class Objectives:
         """Masked region feature regression: L2 to the original feature, averaged over masked regions."""
         out, chosen = self._smrm(batch, g)
         pred = self.model.pretrain_heads.mrfr(out).float()
-        per_region = F.mse_loss(pred, batch["img_feat"].float(), reduction="none").sum(-1)
+        per_region = self._per_region(F.mse_loss(pred, batch["img_feat"].float(), reduction="none"))
         return self._mean_over_chosen(per_region, chosen)
 
     def mrckl(self, batch: dict, g: torch.Generator) -> torch.Tensor:
@@ -137,5 +169,5 @@ class Objectives:
         logp = F.log_softmax(self.model.pretrain_heads.mrc(out).float(), dim=-1)
         target = batch["img_cls"].float()
         target = target / target.sum(-1, keepdim=True).clamp_min(1e-8)
-        per_region = F.kl_div(logp, target, reduction="none").sum(-1)
+        per_region = self._per_region(F.kl_div(logp, target, reduction="none"))
         return self._mean_over_chosen(per_region, chosen)

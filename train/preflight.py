@@ -57,8 +57,11 @@ def check_writable_dir(key: str, path: str | os.PathLike) -> Path:
 
 def check_paths(cfg: TrainConfig) -> None:
     """Every input path of the job exists and is what it should be; the output directory is writable."""
-    check_dataset("data.train", cfg.data.train)
+    for i, (path, _) in enumerate(cfg.data.train_sets({})):
+        check_dataset("data.train" if isinstance(cfg.data.train, str) else f"data.train[{i}].path", path)
     check_dataset("data.val", cfg.data.val)
+    # a global batch that cannot divide over the launcher's ranks (or, outside one, the accumulation steps)
+    cfg.data.micro_batch(int(os.environ.get("WORLD_SIZE", "1")), cfg.optim.grad_accum)
     check_export("model.init_from", cfg.model.init_from)
     for key in ("image_init", "text_init"):
         if getattr(cfg.model, key) and not Path(getattr(cfg.model, key)).is_file():

@@ -12,7 +12,7 @@ import torch
 
 from ldot.train.objectives import Objectives, mask_generator
 
-_FLOAT_KEYS = ("img_feat", "img_pos", "img_cls")
+_FLOAT_KEYS = ("img_feat", "img_pos", "img_cls", "hard_img_feat", "hard_img_pos")
 
 
 def to_device(batch: dict, device: torch.device, float_dtype: torch.dtype) -> dict:
@@ -52,6 +52,7 @@ def train_step(engine, objectives: Objectives, task: str, micro_batches, *, worl
         engine.step()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         pairs += local
-        count = host["attention_mask"].sum() + host["img_mask"].sum()
+        count = sum(host[k].sum() for k in ("attention_mask", "img_mask", "hard_attention_mask", "hard_img_mask")
+                    if k in host)
         tokens = count if tokens is None else tokens + count
     return StepStats(loss=loss_sum.float() / n, pairs=pairs, tokens=tokens)

@@ -16,14 +16,17 @@ from pathlib import Path
 import torch
 
 from ldot.data.loader import TrainLoader
+from ldot.data.mixing import MixedLoader
 from ldot.data.schema import read_manifest
 from ldot.distributed import init_distributed
 from ldot.train.checkpoint import CheckpointManager
 from ldot.train.config import TrainConfig, dump_config, to_dict
 from ldot.train.engine import build_engine, export_from_engine
 from ldot.train.errors import ConfigError
+from ldot.train.hard_negatives import FILE as HARD_NEGATIVES_FILE, HardNegativeBatches, HardNegatives
 from ldot.train.job_tracking import JobRecord, start_job_tracking
 from ldot.train.metrics import MetricsProcessor
+from ldot.train.mixing import MixSampler
 from ldot.train.model_setup import build_dual_encoder
 from ldot.train.objectives import Objectives, TaskSampler
 from ldot.train.preemption import PreemptionWatch
@@ -48,24 +51,38 @@ class Trainer:
         self.max_steps = cfg.optim.max_steps
 
         # data and model
-        manifest = read_manifest(cfg.data.train)
+        sets = cfg.data.train_sets(cfg.pretrain.ratios())
+        self.mixed = isinstance(cfg.data.train, list)
+        manifest = self._check_sets(sets)
+        micro = cfg.data.micro_batch(dist.world_size, cfg.optim.grad_accum)
         pretrain = cfg.task == "pretrain"
         ratios = cfg.pretrain.ratios() if pretrain else {"cmr": 1.0}
+        if self.mixed:  # every task some set trains; the sets' own ratios are drawn by self.tasks
+            ratios = {t: sum(r[t] for _, r in sets) for t in ratios}
         num_classes = manifest.class_dim or 0
         if ratios.get("mrckl", 0) > 0 and not num_classes:
             raise ConfigError(f"{cfg.data.train} has no class distributions (cls.npy) for MRC-kl: set pretrain.mrckl=0")
         self.tokenizer, model = build_dual_encoder(cfg.model, cfg.loss, feature_dim=manifest.feature_dim,
                                                    pretrain=pretrain, num_classes=num_classes)
         model.to(dist.device)
-        self.engine, ds_config = build_engine(model, cfg.optim, cfg.engine, cfg.data.batch_size)
-        self.loader = TrainLoader(cfg.data.train, self.tokenizer,
-                                  batch_size=None if cfg.data.token_budget else cfg.data.batch_size,
-                                  token_budget=cfg.data.token_budget, max_text_len=cfg.data.max_text_len,
-                                  seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
-                                  num_workers=cfg.data.num_workers, on_error=cfg.data.on_error,
-                                  with_cls=ratios.get("mrckl", 0) > 0)
+        self.engine, ds_config = build_engine(model, cfg.optim, cfg.engine, micro)
+        loaders = [TrainLoader(path, self.tokenizer, batch_size=None if cfg.data.token_budget else micro,
+                               token_budget=cfg.data.token_budget, max_text_len=cfg.data.max_text_len,
+                               seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
+                               num_workers=cfg.data.num_workers, on_error=cfg.data.on_error,
+                               with_cls=(set_ratios if self.mixed else ratios).get("mrckl", 0) > 0)
+                   for path, set_ratios in sets]
+        self.loader = MixedLoader(loaders) if self.mixed else loaders[0]
         self.objectives = Objectives(self.engine.module, self.tokenizer, mask_prob=cfg.pretrain.mask_prob)
-        self.tasks = TaskSampler(ratios, cfg.seed)
+        self.objectives.region_reduction = cfg.pretrain.region_loss_reduction
+        self.tasks = MixSampler([r for _, r in sets], cfg.seed) if self.mixed else TaskSampler(ratios, cfg.seed)
+        self.hard = None
+        if cfg.hard_negatives.num_hard_negatives:  # each batch's pairs with their mined negatives
+            epoch = self.loader.batches_per_epoch
+            self.hard = HardNegatives(cfg.hard_negatives, cfg.data.train, self.tokenizer,
+                                      max_text_len=cfg.data.max_text_len, seed=cfg.seed,
+                                      steps_per_epoch=None if epoch is None else epoch // cfg.optim.grad_accum)
+            self.loader = HardNegativeBatches(self.loader, self.hard)
         self.float_dtype = PRECISION[cfg.engine.precision]
         self.export_meta = {"feature_dim": manifest.feature_dim, "max_text_len": cfg.data.max_text_len}
 
@@ -79,6 +96,8 @@ class Trainer:
             trainer_state, loader_state = self.checkpoints.load(self.engine, tag)
             self.loader.load_state_dict(loader_state)
             self.start_step = trainer_state["step"]
+            if self.hard:
+                self.hard.load(self.checkpoints.dir / tag)
             log.info("resumed from %s at step %d", self.checkpoints.dir / tag, self.start_step)
 
         # records: rank 0 starts (or continues) the run; the other ranks record only their system metrics
@@ -86,8 +105,9 @@ class Trainer:
             dump_config(cfg, out / "config.yaml")
         job = JobRecord(config=to_dict(cfg), task=cfg.task, ds_config=ds_config,
                         deepspeed_source=Path(cfg.engine.deepspeed_config),
-                        datasets={"train": cfg.data.train, "val": cfg.data.val},
-                        num_train_images=manifest.num_samples, world_size=dist.world_size)
+                        datasets={**({f"train{i}": p for i, (p, _) in enumerate(sets)} if self.mixed else
+                                     {"train": cfg.data.train}), "val": cfg.data.val},
+                        num_train_images=self.num_train_images, world_size=dist.world_size)
         self.tracker = start_job_tracking(cfg.tracking, out, dist, job, hold_metrics=bool(cfg.checkpoint.every_steps),
                                           resuming=tag is not None)
         if tag is not None:
@@ -101,6 +121,23 @@ class Trainer:
                                        best_dir=out / "checkpoints" / "best", export_meta=self.export_meta,
                                        max_steps=self.max_steps, is_main=dist.is_main)
             self.validator.load_state_dict(trainer_state)
+
+    def _check_sets(self, sets: list[tuple[str, dict]]):
+        """The first training set's manifest, once every set is found to fit it (feature dim; cls.npy where
+        a set trains MRC-kl)."""
+        manifests = [read_manifest(path) for path, _ in sets]
+        self.num_train_images = sum(m.num_samples for m in manifests)
+        for (path, ratios), m in zip(sets, manifests):
+            if m.feature_dim != manifests[0].feature_dim:
+                raise ConfigError(f"data.train: {path} has {m.feature_dim}-d features, {sets[0][0]} "
+                                  f"{manifests[0].feature_dim}-d")
+            if self.mixed and ratios.get("mrckl", 0) > 0 and not m.class_dim:
+                raise ConfigError(f"data.train: {path} has no class distributions (cls.npy) for MRC-kl: set its mrckl: 0")
+        classes = {m.class_dim for (_, r), m in zip(sets, manifests) if r.get("mrckl", 0) > 0}
+        if len(classes) > 1:
+            raise ConfigError(f"data.train: the sets that train MRC-kl have {sorted(classes)} classes: one head needs one")
+        # the model's MRC-kl head is sized by a set that trains it
+        return next((m for (_, r), m in zip(sets, manifests) if r.get("mrckl", 0) > 0), manifests[0])
 
     def rank_sizes(self, local: int) -> list[int]:
         """Every rank's pairs this micro-step, for CMR's gather: known on the host for fixed batches, else
@@ -135,7 +172,15 @@ class Trainer:
 
     def step(self, step: int, batches) -> None:
         """One optimizer step of the step's task, then whatever of recording and validation is due."""
-        task = self.tasks.task_for(step)
+        if self.hard and self.hard.due(step):
+            world = self.dist.world_size
+            self.hard.mine(self.engine.module, step, device=self.dist.device, sharded=world > 1,
+                           distributed=world > 1 and self.engine.zero_optimization_stage() < 3)
+        if self.mixed:  # the step's training set and task (ldot.train.mixing)
+            which, task = self.tasks.draw(step)
+            batches = batches.select(which)
+        else:
+            task = self.tasks.task_for(step)
         stats = train_step(self.engine, self.objectives, task, batches, world=self.dist.world_size,
                            seed=self.cfg.seed, step=step, rank=self.dist.rank, device=self.dist.device,
                            float_dtype=self.float_dtype, rank_sizes=self.rank_sizes)
@@ -148,7 +193,9 @@ class Trainer:
         # they reach MLflow is mended by the replay on resume.
         state = {"step": step, "config": to_dict(self.cfg), "records": self.tracker.pending(),
                  "metrics": self.metrics.state_dict(), **(self.validator.state_dict() if self.validator else {})}
-        return self.checkpoints.save(self.engine, step, state, self.loader.state_dict())
+        lists = self.hard.state_bytes() if self.hard else None
+        return self.checkpoints.save(self.engine, step, state, self.loader.state_dict(),
+                                     files={HARD_NEGATIVES_FILE: lists} if lists else None)
 
     def preempt(self, step: int) -> Path:
         path = self.save(step)
