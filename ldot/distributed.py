@@ -63,6 +63,8 @@ TIMEOUT_ENV = "LDOT_DIST_TIMEOUT_S"
 _LOST_PEER = re.compile(r"Timed out waiting|timed out|Connection (reset|closed) by peer|Connection refused|"
                         r"Broken pipe|NCCL communicator was aborted|Watchdog caught collective operation timeout",
                         re.IGNORECASE)
+# ... and what it raises when rank 0's store (MASTER_ADDR:MASTER_PORT) cannot be reached at the start.
+_RENDEZVOUS = re.compile(r"trying to connect to|failed to connect/validate|TCPStore", re.IGNORECASE)
 
 
 def timeout_s() -> float:
@@ -90,6 +92,11 @@ def collective_failure(exc: BaseException) -> str | None:
         return None
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     first = re.sub(r"^\[[^\]]*\.(cc|cpp):\d+\]\s*", "", first)  # gloo's source location
+    if _RENDEZVOUS.search(text):
+        host, port = os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?")
+        return (f"could not reach the rendezvous {host}:{port} ({first[:200]}): every node must resolve MASTER_ADDR "
+                f"to an address of rank 0's node that it can reach (LDOT_MASTER_ADDR, GLOO_SOCKET_IFNAME, "
+                f"NCCL_SOCKET_IFNAME); the process group timeout is {TIMEOUT_ENV}={timeout_s():g} s")
     return (f"lost contact with another rank in a collective ({first[:200]}): a node or rank died or hangs; "
             f"the process group timeout is {TIMEOUT_ENV}={timeout_s():g} s")
 

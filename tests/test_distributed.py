@@ -33,6 +33,15 @@ def test_a_lost_peer_is_one_line_and_anything_else_is_not(monkeypatch):
     reset = RuntimeError("[../gloo/transport/tcp/pair.cc:537] Read error [10.0.0.3]:4242: Connection reset by peer. "
                          "This is typically caused by a remote worker hanging")
     assert "Read error [10.0.0.3]:4242: Connection reset by peer" in collective_failure(reset)
+    import torch.distributed as dist
+
+    monkeypatch.setenv("MASTER_ADDR", "node02")
+    monkeypatch.setenv("MASTER_PORT", "14321")
+    store = dist.DistNetworkError("The client socket has timed out after 20000ms while trying to connect to "
+                                  "(node02, 14321).")
+    assert collective_failure(store).startswith(
+        "could not reach the rendezvous node02:14321 (The client socket has timed out after 20000ms while trying "
+        "to connect to (node02, 14321).): every node must resolve MASTER_ADDR")
     assert collective_failure(RuntimeError("CUDA out of memory")) is None
     assert collective_failure(ValueError("Timed out waiting")) is None
 
