@@ -52,14 +52,16 @@ ldot_nodes_plan() {
 
 # ldot_nodes_up: the bridge, each node's namespaces, link, address and hosts file (after ldot_nodes_plan).
 ldot_nodes_up() {
-    local i ns veth hosts
-    # first the list of what is about to exist, for stop.sh
-    {
-        echo "LDOT_NET_BRIDGE=$LDOT_NET_BRIDGE"
-        echo "LDOT_NODE_NETNS=(${LDOT_NODE_NETNS[*]})"
-        echo "LDOT_NODE_VETHS=(${LDOT_NODE_VETHS[*]})"
-        echo "LDOT_NODE_NAMES=(${LDOT_NODE_NAMES[*]})"
-    } >"$STATE/nodes.env"
+    local i ns veth hosts plan
+    # first the list of what is about to exist, for stop.sh; and whatever of it a previous instance on this
+    # port left behind without its list (a removed state directory) goes first
+    plan="LDOT_NET_BRIDGE=$LDOT_NET_BRIDGE
+LDOT_NODE_NETNS=(${LDOT_NODE_NETNS[*]})
+LDOT_NODE_VETHS=(${LDOT_NODE_VETHS[*]})
+LDOT_NODE_NAMES=(${LDOT_NODE_NAMES[*]})"
+    echo "$plan" >"$STATE/nodes.env"
+    ldot_nodes_down
+    echo "$plan" >"$STATE/nodes.env"
     hosts="127.0.0.1 localhost"$'\n'"::1 localhost ip6-localhost ip6-loopback"$'\n'"$LDOT_NET_HOST_ADDR $(hostname -s)"$'\n'
     for i in "${!LDOT_NODE_NAMES[@]}"; do hosts+="${LDOT_NODE_ADDRS[$i]} ${LDOT_NODE_NAMES[$i]}"$'\n'; done
     LDOT_NODES_ERROR="could not create bridge $LDOT_NET_BRIDGE ($LDOT_NET_HOST_ADDR/24)"
