@@ -33,10 +33,16 @@ def count_reads(tmp_path, text_encoder, shards, task, *extra):
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("extra", [[], ["data.token_budget=200"]], ids=["fixed-batch", "token-budget"])
+# Hard negatives: mined at step 1 (not counted) and again only at the next epoch; train/hard_negatives.py reads
+# which rows and captions a batch holds from the loader's CPU tensors to attach their negatives: host reads.
+HARD = ["hard_negatives.num_hard_negatives=2", "hard_negatives.mine_at_start=true"]
+
+
+@pytest.mark.parametrize("extra", [[], ["data.token_budget=200"], HARD], ids=["fixed-batch", "token-budget", "hard"])
 def test_a_cmr_step_reads_nothing_from_the_device(tmp_path, tiny_text_encoder, tiny_shards, extra):
     result = count_reads(tmp_path, tiny_text_encoder, tiny_shards, "finetune", *extra)
-    device_reads = {site: n for site, n in result["sites"].items() if not site.startswith(HOST_SIDE)}
+    host_side = HOST_SIDE + (("train/hard_negatives.py",) if extra == HARD else ())
+    device_reads = {site: n for site, n in result["sites"].items() if not site.startswith(host_side)}
     assert device_reads == {}, device_reads
     # the preemption flag (and, under a token budget, the batch sizes) are agreed on the host every step
     assert any(site.startswith(HOST_SIDE) for site in result["sites"])
