@@ -11,7 +11,8 @@ the old ranks' RNG streams cannot be carried over to another number of ranks (ea
 are seeded from (seed, step, rank)), so with dropout on the masks after the change are new ones.
 
 Three torchrun launches in all (2 ranks: references + checkpoints; 1 rank: references + 2 -> 1; 2 ranks:
-1 -> 2), each running several trainer jobs."""
+1 -> 2), each running several trainer jobs; and one `ldot train` that must refuse, in one line, a resume
+that would change the global batch."""
 import json
 import os
 import re
@@ -76,6 +77,18 @@ def test_resume_on_another_world_size_continues_the_run(tmp_path, tiny_shards, t
         seed_from(tmp_path / f"two-z{s}", tmp_path / f"to1-z{s}")
     one, _ = launch(1, tmp_path / "one.pt", tiny_text_encoder, data,
                     [job(f"one-z{s}", s, 8) for s in STAGES] + [job(f"to1-z{s}", s, 8, "auto") for s in STAGES])
+    # `ldot train` itself, on 1 rank, with data.batch_size left at the 2 ranks' 4: one line, exit 2
+    seed_from(tmp_path / "two-z2", tmp_path / "bad")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    bad = subprocess.run([sys.executable, "-m", "ldot.train", "--config", "train/configs/demo.yaml", "--resume", "auto",
+                          f"output_dir={tmp_path / 'bad'}", f"data.train={data}", f"model.text_encoder={tiny_text_encoder}",
+                          "model.image_layers=1", "data.batch_size=4", f"optim.max_steps={STEPS}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: ") \
+        and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+    assert ("the checkpoint's global batch is 8 pairs (2 ranks x data.batch_size=4); 1 ranks x data.batch_size=4 "
+            "would change it: set data.batch_size=8 to keep it") in bad.stderr.strip().splitlines()[-1]
     for s in STAGES:
         seed_from(tmp_path / f"one-z{s}", tmp_path / f"to2-z{s}")
     to2, log = launch(2, tmp_path / "to2.pt", tiny_text_encoder, data, [job(f"to2-z{s}", s, 4, "auto") for s in STAGES])
