@@ -245,8 +245,12 @@ class DualEncoder(nn.Module):
     def encode_image(self, img_feat, img_pos, img_mask):
         return self._finish(self.image_proj(self.image_states(img_feat, img_pos, img_mask)[:, 0]))
 
-    def forward(self, input_ids, attention_mask, img_feat, img_pos, img_mask):
-        """(text embeddings, image embeddings, logit scale or None) for the contrastive loss."""
+    def forward(self, input_ids, attention_mask, img_feat, img_pos, img_mask, *, states: bool = False):
+        """(text embeddings, image embeddings, logit scale or None) for the contrastive loss; with
+        states=True, every position's output of both encoders (text_states, image_states) for the masked
+        objectives. One forward for every objective, so a trainer can call it through its engine."""
+        if states:
+            return self.text_states(input_ids, attention_mask), self.image_states(img_feat, img_pos, img_mask)
         return (self.encode_text(input_ids, attention_mask), self.encode_image(img_feat, img_pos, img_mask),
                 self.contrastive.logit_scale())
 

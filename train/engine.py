@@ -62,6 +62,9 @@ def deepspeed_config(optim: OptimConfig, engine: EngineConfig, micro_batch: int)
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer (on by default) synchronizes the device in every engine forward and
+        # step, once per micro-batch each: the step must not wait on the device (ldot.train.step).
+        "timers": {"throughput": {"enabled": False}},
     })
     return ds
 

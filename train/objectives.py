@@ -84,8 +84,13 @@ def mask_regions(img_mask, *, prob: float, g: torch.Generator) -> torch.Tensor:
 
 
 class Objectives:
-    def __init__(self, model: DualEncoder, tokenizer, *, mask_prob: float = 0.15):
+    def __init__(self, model: DualEncoder, tokenizer, *, mask_prob: float = 0.15, forward=None):
+        """forward: what runs the model's forward, the DeepSpeed engine in training (default: the model).
+        The engine's forward is where DeepSpeed does its per-micro-batch bookkeeping: ZeRO-3 counts
+        micro-batches there (without it every micro-batch's gradient replaced the previous one's under
+        gradient accumulation: only the last counted) and resets its backward-hook state."""
         self.model, self.mask_prob = model, mask_prob
+        self.forward = model if forward is None else forward
         self.last_scale: torch.Tensor | None = None  # the logit scale of the last CMR step, for logging
         self.mask_id, self.vocab_size = tokenizer.mask_token_id, len(tokenizer)
         self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)))
@@ -99,8 +104,8 @@ class Objectives:
         """Contrastive loss over the global batch: every rank's texts against every rank's images.
         `sizes`: every rank's local batch size, when the caller knows them (else the loss asks)."""
         m = self.model
-        text, image, scale = m(batch["input_ids"], batch["attention_mask"], batch["img_feat"], batch["img_pos"],
-                               batch["img_mask"])
+        text, image, scale = self.forward(batch["input_ids"], batch["attention_mask"], batch["img_feat"],
+                                          batch["img_pos"], batch["img_mask"])
         self.last_scale = None if scale is None else scale.detach()
         return kernels.global_contrastive_loss(text, image, scale, group_ids=batch["group_ids"],
                                                impl=m.contrastive.impl, sizes=sizes)
@@ -111,20 +116,20 @@ class Objectives:
         ids, labels = mask_words(batch["input_ids"], batch["attention_mask"], prob=self.mask_prob,
                                  mask_id=self.mask_id, vocab_size=self.vocab_size,
                                  special_ids=self.special_ids.to(batch["input_ids"].device), g=g)
-        z_m = m.text_states(ids, batch["attention_mask"])
-        h_0 = m.image_states(batch["img_feat"], batch["img_pos"], batch["img_mask"])[:, :1]
+        z_m, h = self.forward(ids, batch["attention_mask"], batch["img_feat"], batch["img_pos"], batch["img_mask"],
+                              states=True)
+        h_0 = h[:, :1]
         chosen = labels != IGNORE
         logits = m.pretrain_heads.mlm((z_m + h_0)[chosen], m.text.embeddings.word_embeddings.weight)
         return F.cross_entropy(logits.float(), labels[chosen])
 
     def _smrm(self, batch: dict, g: torch.Generator):
         """h_m + z_0 at every region [B, N, H] (masked regions' features zeroed), and the chosen mask."""
-        m = self.model
         chosen = mask_regions(batch["img_mask"], prob=self.mask_prob, g=g)
         feat = batch["img_feat"].masked_fill(chosen[..., None], 0.0)
-        h_m = m.image_states(feat, batch["img_pos"], batch["img_mask"])[:, 1:]
-        z_0 = m.text_states(batch["input_ids"], batch["attention_mask"])[:, :1]
-        return h_m + z_0, chosen
+        z, h = self.forward(batch["input_ids"], batch["attention_mask"], feat, batch["img_pos"], batch["img_mask"],
+                            states=True)
+        return h[:, 1:] + z[:, :1], chosen
 
     def cmr_hard(self, batch: dict, sizes: list[int] | None = None) -> torch.Tensor:
         """CMR with every pair's mined hard negatives as extra columns (train/hard_negatives.py): the pairs and

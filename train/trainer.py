@@ -73,7 +73,9 @@ class Trainer:
                                with_cls=(set_ratios if self.mixed else ratios).get("mrckl", 0) > 0)
                    for path, set_ratios in sets]
         self.loader = MixedLoader(loaders) if self.mixed else loaders[0]
-        self.objectives = Objectives(self.engine.module, self.tokenizer, mask_prob=cfg.pretrain.mask_prob)
+        # the forward through the engine: DeepSpeed's per-micro-batch bookkeeping (ldot.train.objectives)
+        self.objectives = Objectives(self.engine.module, self.tokenizer, mask_prob=cfg.pretrain.mask_prob,
+                                     forward=self.engine)
         self.objectives.region_reduction = cfg.pretrain.region_loss_reduction
         self.tasks = MixSampler([r for _, r in sets], cfg.seed) if self.mixed else TaskSampler(ratios, cfg.seed)
         self.hard = None

@@ -42,7 +42,7 @@ def run(text_encoder, stage, compiled, dist):
     model.to(dist.device)
     engine, _ = build_engine(model, OptimConfig(lr=1e-4, max_steps=8, warmup_ratio=0.0, grad_clip=1.0),
                              EngineConfig(deepspeed_config=f"deepspeed_configs/zero{stage}.json"), PAIRS)
-    objectives = Objectives(engine.module, tok)
+    objectives = Objectives(engine.module, tok, forward=engine)  # as the Trainer does
     losses = []
     for step, task in enumerate(TASKS, start=1):
         stats = train_step(engine, objectives, task, iter([batch(tok, step, dist.rank)]), world=dist.world_size,
