@@ -50,10 +50,11 @@ def test_jobs_see_two_hosts_and_reach_them_by_name(slurm_two_nodes, tmp_path):
     script = ('srun bash -c \'echo "$SLURM_PROCID $(hostname) $SLURM_JOB_NODELIST '
               f'$(getent hosts {n1.name} | cut -d" " -f1) $(getent hosts {n2.name} | cut -d" " -f1) '
               '$(ip -4 -o addr show ldot0 | awk "{print \\$4}")"\'')
-    job, rc = slurm_two_nodes.sbatch("--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/out", "--wrap", script,
-                                     env=slurm_two_nodes.env(tmp_path), wait=True, timeout=120)
+    job, _ = slurm_two_nodes.sbatch("--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/out", "--wrap", script,
+                                    env=slurm_two_nodes.env(tmp_path))
+    (rec,) = slurm_two_nodes.wait(job, timeout=120)  # polls every second (sbatch --wait backs off to 30 s)
     out = (tmp_path / "out").read_text()
-    assert rc == 0, out
+    assert rec["JobState"] == "COMPLETED", out
     lines = sorted(line.split() for line in out.splitlines() if line[:1].isdigit())
     prefix = n1.name[:-1]
     assert lines == [["0", n1.name, f"{prefix}[1-2]", n1.addr, n2.addr, f"{n1.addr}/24"],
@@ -71,12 +72,11 @@ def test_two_nodes_train_like_one_node(slurm_two_nodes, slurm_cluster, tmp_path,
     two, one = tmp_path / "two", tmp_path / "one"
     two.mkdir(), one.mkdir()
     before = link_bytes(n2.veth)
-    job, rc = slurm_two_nodes.sbatch("--nodes=2", "--ntasks-per-node=1", f"--output={two}/%x-%j.out", *args,
-                                     env=two_node_env(slurm_two_nodes, two), wait=True)
-    crossed = link_bytes(n2.veth) - before
-    assert rc == 0, job_logs(two)
+    job, _ = slurm_two_nodes.sbatch("--nodes=2", "--ntasks-per-node=1", f"--output={two}/%x-%j.out", *args,
+                                    env=two_node_env(slurm_two_nodes, two))
     (rec,) = slurm_two_nodes.wait(job)
-    assert rec["JobState"] == "COMPLETED" and rec["NumNodes"] == "2" and rec["NumTasks"] == "2", rec
+    crossed = link_bytes(n2.veth) - before
+    assert rec["JobState"] == "COMPLETED" and rec["NumNodes"] == "2" and rec["NumTasks"] == "2", job_logs(two)
 
     logs = tmp_path / "two" / "logs" / f"ldot-finetune-{job}"
     port = slurm_two_nodes.master_port(job)
@@ -96,9 +96,9 @@ def test_two_nodes_train_like_one_node(slurm_two_nodes, slurm_cluster, tmp_path,
     grad_bytes = 4 * sum(p.numel() for p in model.parameters())
     assert crossed >= steps * grad_bytes, (crossed, steps * grad_bytes)
 
-    job1, rc1 = slurm_cluster.sbatch("--ntasks-per-node=2", f"--output={one}/%x-%j.out", *args,
-                                     env=slurm_cluster.env(one), wait=True)
-    assert rc1 == 0, job_logs(one)
+    job1, _ = slurm_cluster.sbatch("--ntasks-per-node=2", f"--output={one}/%x-%j.out", *args, env=slurm_cluster.env(one))
+    (rec1,) = slurm_cluster.wait(job1)
+    assert rec1["JobState"] == "COMPLETED", job_logs(one)
     for key in ("loss/cmr", "grad_norm"):
         run2, got = metric(two, "two-nodes", key)
         run1, want = metric(one, "two-nodes", key)
@@ -185,9 +185,10 @@ def test_a_node_that_drops_off_ends_the_job_then_resume_auto_continues(slurm_two
 
     newest = sorted(p.name for p in (run_dir / "checkpoints").iterdir()
                     if (p / "COMPLETE").exists() and p.name.startswith("step-"))[-1]
-    job2, rc = slurm_two_nodes.sbatch("--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/%x-%j.out", *args,
-                                      f"output_dir={run_dir}", env=env, wait=True, timeout=400)
-    assert rc == 0, job_logs(tmp_path)
+    job2, _ = slurm_two_nodes.sbatch("--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/%x-%j.out", *args,
+                                     f"output_dir={run_dir}", env=env)
+    (rec2,) = slurm_two_nodes.wait(job2, timeout=400)
+    assert rec2["JobState"] == "COMPLETED", job_logs(tmp_path)
     train0 = (tmp_path / "logs" / f"ldot-finetune-{job2}" / "train.0.log").read_text()
     resumed = re.search(r"resumed from (\S+) at step (\d+)", train0)
     assert resumed and Path(resumed.group(1)).name == newest, train0[-3000:]
