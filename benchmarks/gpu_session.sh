@@ -102,7 +102,12 @@ cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
 cp benchmarks/RESULTS.md "$WORK/RESULTS.before.md"
 export LDOT_RESULTS=$OUT/RESULTS.md
 
-echo "ldot GPU session: mode $MODE, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' +uncommitted'), $(date -u '+%F %T UTC')"
+if git rev-parse --git-dir >/dev/null 2>&1; then
+  COMMIT="commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ':!benchmarks/RESULTS.md' || echo ' + uncommitted changes')"
+else
+  COMMIT="no .git here: note the commit the call was made from"
+fi
+echo "ldot GPU session: mode $MODE, $COMMIT, $(date -u '+%F %T UTC')"
 
 # ------------------------------------------------------------------------------------------- install
 SITE=$WORK/site
@@ -198,8 +203,11 @@ EOF
 }
 # in the background, each into its own log: DeepSpeed's FusedAdam build (nvcc; the ZeRO runs need it), the
 # Triton kernels against the float64 reference, compiled == eager on the device
-bg() {  # bg NAME MAX_S CMD...
+bg() {  # bg NAME MAX_S CMD...: like stage, in the background (at most what is left)
   local name=$1 max=$2; shift 2
+  local l; l=$(left)
+  (( l < 30 )) && { echo "skipped: $l s left" > "$WORK/$name.log"; echo "skipped 0" > "$WORK/$name.rc"; return; }
+  (( max > l )) && max=$l
   ( t0=$SECONDS; timeout --kill-after=10 "$max" "$@" > "$WORK/$name.log" 2>&1; rc=$?
     echo "$rc $((SECONDS - t0))" > "$WORK/$name.rc" ) &
 }
@@ -215,7 +223,9 @@ wait_bg() {
     while [[ ! -f $WORK/$name.rc ]] && (( $(left) > 5 )); do sleep 2; done
     if [[ -f $WORK/$name.rc ]]; then
       read -r rc secs < "$WORK/$name.rc"
-      status=ok; (( rc == 124 || rc == 137 )) && status="timed out"; (( rc && rc != 124 && rc != 137 )) && status="FAILED (exit $rc)"
+      if [[ $rc == skipped ]]; then status=skipped
+      else status=ok; (( rc == 124 || rc == 137 )) && status="timed out"; (( rc && rc != 124 && rc != 137 )) && status="FAILED (exit $rc)"
+      fi
     else
       status="still running at the deadline"; secs=-
     fi
@@ -277,4 +287,5 @@ open(out, "w").write("\n".join(lines) + "\n")
 print("\n" + "\n".join(lines))
 EOF
 echo "total $((SECONDS - START)) s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+jobs -p | xargs -r kill 2>/dev/null  # a background check still running at the deadline
 rm -rf "$WORK"
