@@ -84,12 +84,14 @@ def mask_regions(img_mask, *, prob: float, g: torch.Generator) -> torch.Tensor:
 
 
 class Objectives:
-    def __init__(self, model: DualEncoder, tokenizer, *, mask_prob: float = 0.15, forward=None):
+    def __init__(self, model: DualEncoder, tokenizer, *, mask_prob: float = 0.15, forward=None,
+                 region_reduction: str = "original"):
         """forward: what runs the model's forward, the DeepSpeed engine in training (default: the model).
         The engine's forward is where DeepSpeed does its per-micro-batch bookkeeping: ZeRO-3 counts
         micro-batches there (without it every micro-batch's gradient replaced the previous one's under
-        gradient accumulation: only the last counted) and resets its backward-hook state."""
-        self.model, self.mask_prob = model, mask_prob
+        gradient accumulation: only the last counted) and resets its backward-hook state.
+        region_reduction: MRFR's and MRC-kl's over a region's features/classes (pretrain.region_loss_reduction)."""
+        self.model, self.mask_prob, self.region_reduction = model, mask_prob, region_reduction
         self.forward = model if forward is None else forward
         self.last_scale: torch.Tensor | None = None  # the logit scale of the last CMR step, for logging
         self.mask_id, self.vocab_size = tokenizer.mask_token_id, len(tokenizer)
@@ -138,17 +140,14 @@ class Objectives:
         b, k = batch["input_ids"].shape[0], batch["hard_image_groups"].shape[1]
         both = {name: _cat_padded(batch[name], batch[f"hard_{name}"])
                 for name in ("input_ids", "attention_mask", "img_feat", "img_pos", "img_mask")}
-        forward = getattr(self, "forward", self.model)  # the engine where the trainer gives one
-        text, image, scale = forward(both["input_ids"], both["attention_mask"], both["img_feat"], both["img_pos"],
-                                     both["img_mask"])
+        text, image, scale = self.forward(both["input_ids"], both["attention_mask"], both["img_feat"],
+                                          both["img_pos"], both["img_mask"])
         self.last_scale = None if scale is None else scale.detach()
         d = text.shape[1]
         return kernels.global_contrastive_loss(
             text[:b], image[:b], scale, group_ids=batch["group_ids"], impl=self.model.contrastive.impl, sizes=sizes,
             hard_image=image[b:].reshape(b, k, d), hard_text=text[b:].reshape(b, k, d),
             hard_image_groups=batch["hard_image_groups"], hard_text_groups=batch["hard_text_groups"])
-
-    region_reduction = "original"  # pretrain.region_loss_reduction: "original" (element mean) or "paper" (sum)
 
     def _per_region(self, per_element: torch.Tensor) -> torch.Tensor:
         """[B, N, E] -> [B, N]: the mean over a region's E features/classes (original) or their sum (paper)."""

@@ -75,8 +75,7 @@ class Trainer:
         self.loader = MixedLoader(loaders) if self.mixed else loaders[0]
         # the forward through the engine: DeepSpeed's per-micro-batch bookkeeping (ldot.train.objectives)
         self.objectives = Objectives(self.engine.module, self.tokenizer, mask_prob=cfg.pretrain.mask_prob,
-                                     forward=self.engine)
-        self.objectives.region_reduction = cfg.pretrain.region_loss_reduction
+                                     forward=self.engine, region_reduction=cfg.pretrain.region_loss_reduction)
         self.tasks = MixSampler([r for _, r in sets], cfg.seed) if self.mixed else TaskSampler(ratios, cfg.seed)
         self.hard = None
         if cfg.hard_negatives.num_hard_negatives:  # each batch's pairs with their mined negatives
