@@ -108,3 +108,17 @@ def test_train_reports_a_bad_config_from_a_shadowing_directory(shadowing_cwd):
 def test_unknown_command_is_one_line_and_exit_2():
     proc = subprocess.run([str(BIN / "ldot"), "fit"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.startswith("ldot: unknown command 'fit'")
+
+
+def test_test_modules_have_unique_names():
+    """tests/ has no __init__.py files, so pytest imports each test module by its file name: two with
+    one name in different folders stop the whole run at collection ("import file mismatch")."""
+    seen: dict[str, Path] = {}
+    clashes = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        if path.name == "conftest.py" or "__pycache__" in path.parts:
+            continue
+        if path.name in seen:
+            clashes.append(f"{seen[path.name].relative_to(ROOT)} and {path.relative_to(ROOT)}")
+        seen.setdefault(path.name, path)
+    assert not clashes, "test modules share a name: " + "; ".join(clashes)

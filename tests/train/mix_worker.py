@@ -1,4 +1,4 @@
-"""Worker for tests/train/test_mixing.py, launched with torchrun: pretraining on a mix of two training sets
+"""Worker for tests/train/test_pretrain_mixing.py, launched with torchrun: pretraining on a mix of two training sets
 through the trainer (ldot.train.trainer.Trainer), 6 steps straight with a checkpoint at step 3, then resumed
 from it.
 

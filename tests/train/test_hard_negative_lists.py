@@ -1,6 +1,6 @@
 """Hard negatives in fine-tuning, one process (train/hard_negatives.py): what is mined (never the positive, nor
 a duplicate of it), what is drawn and when, which negatives a batch's pairs get, and how the lists travel in
-a checkpoint. The loss they enter: tests/kernels/test_hard_negatives.py; through the trainer on 1 and 2 ranks
+a checkpoint. The loss they enter: tests/kernels/test_loss_hard_negatives.py; through the trainer on 1 and 2 ranks
 and across a resume: tests/train/test_hard_negatives_training.py."""
 from __future__ import annotations
 
