@@ -242,7 +242,7 @@ if [[ $MODE == gpu ]]; then
   RUNS128=(ddp@128 ddp+compile@128 zero1@128 zero1+compile@128 zero2@128 zero2+compile@128 zero3@128
            zero1+compile+loader@128)
   RUNS1024=(ddp+compile@1024 zero1+compile@1024 zero2+compile@1024 ddp@1024)
-  LOSS=(--n 16384 65536 --d 256 768 --rep 100)
+  LOSS=(--n 16384 65536 --d 256 768 --rep 100 --backward split slab tile)
   RETRIEVAL=(--table7-only)
 else
   TRAIN=(--size tiny --precision fp32 --nproc 1 --steps 2 --warmup 1 --workers 1)

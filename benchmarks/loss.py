@@ -91,8 +91,19 @@ def _tuned() -> str:
     return "\n".join(out)
 
 
-def measure(which: str, impl: str, n: int, d: int, dtype: str, device: str, rep: float, verbose: bool = False):
+def _select_backward(backward: str | None) -> None:
+    """The Triton backward to time (kernels/contrastive_triton.py: split, slab, tile; auto picks)."""
+    if backward:
+        from ldot.kernels import contrastive_triton
+
+        contrastive_triton.BACKWARD = backward
+
+
+def measure(which: str, impl: str, n: int, d: int, dtype: str, device: str, rep: float, verbose: bool = False,
+            backward: str | None = None):
     """(ms per forward+backward, peak bytes above the inputs, loss value) or an error string."""
+    if which == "fused" and device == "cuda" and impl != "chunked":
+        _select_backward(backward)
     t, i, s = _inputs(n, d, DTYPES[dtype], device)
     step = _step_fn(which, impl, t, i, s)
     try:
@@ -174,7 +185,10 @@ def executed_flops(n: int, d: int) -> float:
     from ldot.kernels import contrastive_triton as kt
 
     bwd_macs_per_dir = 2 * n * n * d
-    if not kt._single_k(d):
+    # slab and tile compute S once per tile in the backward (tile: once for both directions' products)
+    if kt.backward_method(d) == "tile":
+        bwd_macs_per_dir = 1.5 * n * n * d
+    elif not kt._single_k(d) and kt.backward_method(d) == "split":
         best = getattr(kt._row_grad_kernel, "best_config", None)
         if not (best and best.kwargs.get("ALL_CHUNKS")):
             bwd_macs_per_dir = (-(-d // kt.D_CHUNK) + 1) * n * n * d
@@ -213,6 +227,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=sorted(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--impl", default="auto", choices=["auto", "triton", "chunked"])
     ap.add_argument("--rep", type=float, help="CUDA: ms of timed repeats per case (default 300); CPU: repeats (default 2)")
+    ap.add_argument("--backward", nargs="+", default=["auto"], choices=["auto", "split", "slab", "tile"],
+                    help="CUDA, Triton: the fused backward(s) to time, one row each (kernels/contrastive_triton.py)")
     ap.add_argument("--check", action="store_true",
                     help="first compare with float64 at n=4097, d=768 (CUDA); exit 1 beyond CHECK_TOL")
     ap.add_argument("--check-only", action="store_true", help="--check, then stop (no timing)")
@@ -240,27 +256,28 @@ def main(argv=None) -> int:
 
     sheet, measured = _bf16_peak(device)
     gpu_cols = " fused TFLOP/s (useful / executed) | % of bf16 peak (executed) |" if device == "cuda" else ""
-    table = [f"| n | d | fused ms | materialized ms | speed-up | fused MiB | materialized MiB | memory ratio |{gpu_cols}",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if device == "cuda" else "")]
+    table = [f"| n | d | backward | fused ms | materialized ms | speed-up | fused MiB | materialized MiB | memory ratio |"
+             f"{gpu_cols}", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if device == "cuda" else "")]
     for d in args.d:
         for n in ns:
-            fused = _measure_isolated("fused", args.impl, n, d, dtype, device, rep, args.verbose)
             mat = _measure_isolated("materialized", args.impl, n, d, dtype, device, rep)
-            row = [str(n), str(d)]
-            ok_f, ok_m = isinstance(fused, tuple), isinstance(mat, tuple)
-            row += [f"{fused[0]:.2f}" if ok_f else fused, f"{mat[0]:.2f}" if ok_m else mat]
-            row += [f"{mat[0] / fused[0]:.2f}×" if ok_f and ok_m else "–"]
-            row += [_fmt_mem(fused[1]) if ok_f else fused, _fmt_mem(mat[1]) if ok_m else mat]
-            row += [f"{mat[1] / max(fused[1], 1):.0f}×" if ok_f and ok_m else "–"]
-            if device == "cuda":
-                useful = 6 * n * n * d / (fused[0] * 1e9) if ok_f else float("nan")
-                executed = executed_flops(n, d) / (fused[0] * 1e9) if ok_f else float("nan")
-                peak = measured if sheet is None else sheet
-                row += [f"{useful:.0f} / {executed:.0f}", f"{100 * executed / peak:.0f}%" if peak else "–"]
-            if ok_f and ok_m and abs(fused[2] - mat[2]) > 2e-2 * abs(mat[2]):
-                row[2] += f" (loss {fused[2]:.4f} vs {mat[2]:.4f}!)"
-            table.append("| " + " | ".join(row) + " |")
-            print(table[-1] if len(table) > 3 else "\n".join(table), flush=True)
+            for backward in (args.backward if device == "cuda" else ["auto"]):
+                fused = _measure_isolated("fused", args.impl, n, d, dtype, device, rep, args.verbose, backward)
+                row = [str(n), str(d), backward]
+                ok_f, ok_m = isinstance(fused, tuple), isinstance(mat, tuple)
+                row += [f"{fused[0]:.2f}" if ok_f else fused, f"{mat[0]:.2f}" if ok_m else mat]
+                row += [f"{mat[0] / fused[0]:.2f}×" if ok_f and ok_m else "–"]
+                row += [_fmt_mem(fused[1]) if ok_f else fused, _fmt_mem(mat[1]) if ok_m else mat]
+                row += [f"{mat[1] / max(fused[1], 1):.0f}×" if ok_f and ok_m else "–"]
+                if device == "cuda":
+                    useful = 6 * n * n * d / (fused[0] * 1e9) if ok_f else float("nan")
+                    executed = executed_flops(n, d) / (fused[0] * 1e9) if ok_f else float("nan")
+                    peak = measured if sheet is None else sheet
+                    row += [f"{useful:.0f} / {executed:.0f}", f"{100 * executed / peak:.0f}%" if peak else "–"]
+                if ok_f and ok_m and abs(fused[2] - mat[2]) > 2e-2 * abs(mat[2]):
+                    row[3] += f" (loss {fused[2]:.4f} vs {mat[2]:.4f}!)"
+                table.append("| " + " | ".join(row) + " |")
+                print(table[-1] if len(table) > 3 else "\n".join(table), flush=True)
 
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     impl = args.impl if args.impl != "auto" else ("triton" if device == "cuda" else "chunked")

@@ -60,6 +60,22 @@ def _scale_grad(scale: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return value.reshape(scale.shape).to(scale.dtype)
 
 
+def _feature_grads(backend, x, y, s, need_x: bool, need_y: bool, *, lse_x=None, lse_y=None, gx=None, gy=None,
+                   diag_offset: int = 0):
+    """``(G @ y, G.T @ x)`` in float32, each None when not needed, for G over rows x and columns y.
+
+    One fused launch where the backend does pairs at this width (the Triton "tile" backward),
+    else ``row_grad`` per side, the second with the roles of x and y swapped (G transposed)."""
+    if need_x and need_y and getattr(backend, "fuses_pairs", lambda d: False)(x.shape[1]):
+        return backend.pair_grad(x, y, s, lse_x=lse_x, lse_y=lse_y, gx=gx, gy=gy, diag_offset=diag_offset)
+    out_x = out_y = None
+    if need_x:
+        out_x = backend.row_grad(x, y, s, lse_x=lse_x, lse_y=lse_y, gx=gx, gy=gy, diag_offset=diag_offset)
+    if need_y:
+        out_y = backend.row_grad(y, x, s, lse_x=lse_y, lse_y=lse_x, gx=gy, gy=gx, diag_offset=-diag_offset)
+    return out_x, out_y
+
+
 class _BidirectionalLoss(torch.autograd.Function):
     """Single-process CMR loss: both directions from one set of row/column statistics."""
 
@@ -84,14 +100,13 @@ class _BidirectionalLoss(torch.autograd.Function):
         k = grad_out.float() / (2 * n)
         ks = k if s is None else k * s
         d_text = d_image = d_scale = None
-        if need_t or need_s:
-            gt = ctx.backend.row_grad(text, image, s, lse_x=lse_t, lse_y=lse_i, gx=group_ids, gy=group_ids)
-            if need_s:
-                d_scale = _scale_grad(scale, k * (text.float() * gt).sum())
-            if need_t:
-                d_text = (ks * gt).to(text.dtype)
+        gt, gi = _feature_grads(ctx.backend, text, image, s, need_t or need_s, need_i,
+                                lse_x=lse_t, lse_y=lse_i, gx=group_ids, gy=group_ids)
+        if need_s:
+            d_scale = _scale_grad(scale, k * (text.float() * gt).sum())
+        if need_t:
+            d_text = (ks * gt).to(text.dtype)
         if need_i:
-            gi = ctx.backend.row_grad(image, text, s, lse_x=lse_i, lse_y=lse_t, gx=group_ids, gy=group_ids)
             d_image = (ks * gi).to(image.dtype)
         return d_text, d_image, d_scale, None, None
 
@@ -121,14 +136,13 @@ class _OneWayLoss(torch.autograd.Function):
         k = grad_out.float()
         ks = k if s is None else k * s
         d_a = d_b = d_scale = None
-        if need_a or need_s:
-            ga_raw = ctx.backend.row_grad(a, b, s, lse_x=lse, gx=ga, gy=gb, diag_offset=off)
-            if need_s:
-                d_scale = _scale_grad(scale, k * (a.float() * ga_raw).sum())
-            if need_a:
-                d_a = (ks * ga_raw).to(a.dtype)
+        ga_raw, gb_raw = _feature_grads(ctx.backend, a, b, s, need_a or need_s, need_b,
+                                        lse_x=lse, gx=ga, gy=gb, diag_offset=off)
+        if need_s:
+            d_scale = _scale_grad(scale, k * (a.float() * ga_raw).sum())
+        if need_a:
+            d_a = (ks * ga_raw).to(a.dtype)
         if need_b:
-            gb_raw = ctx.backend.row_grad(b, a, s, lse_y=lse, gx=gb, gy=ga, diag_offset=-off)
             d_b = (ks * gb_raw).to(b.dtype)
         return d_a, d_b, d_scale, None, None, None, None
 

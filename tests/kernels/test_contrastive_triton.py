@@ -33,6 +33,23 @@ TOL = {
 }
 
 
+# The backwards (kernels/contrastive_triton.py's docstring): the row-block kernel with d split in
+# 256-wide chunks, G slabs + GEMM, and the one-program-per-tile kernel with fp32 atomics.
+BACKWARDS = ("split", "slab", "tile")
+# (n, d, groups, slab rows): small d (one K step for split and slab), d = 768 (K loop; three chunks
+# for split, 48 column chunks for tile), n never a multiple of the 16-wide interpreter tiles; a slab
+# size that leaves a short last slab, or one slab for all rows.
+SHAPES = [(37, 40, True, 10), (29, 24, False, None), (21, 768, True, 8)]
+ONE_WAY_D = (40, 768)
+# Cases per test below, asserted by test_interpreter_in_subprocess.
+BACKWARD_CASES = {
+    "test_backward_matches_reference": len(BACKWARDS) * 3 * len(SHAPES),
+    "test_backward_one_way_hard_columns": len(BACKWARDS) * 2 * len(ONE_WAY_D),
+    "test_backward_one_side_only": len(BACKWARDS),
+    "test_backward_deterministic": 2,
+}
+
+
 def _summary(stdout: str) -> dict[str, int]:
     """pytest's closing line ("== 17 passed, 1 skipped in 2.1s ==") as {outcome: count}."""
     line = re.findall(r"^=+ (.+) in [\d.]+s\b.*$", stdout, re.MULTILINE)[-1]
@@ -48,7 +65,7 @@ def test_interpreter_in_subprocess(tmp_path):
         pytest.skip("kernels already run in this process (CUDA or TRITON_INTERPRET=1)")
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-rs", "-p", "no:cacheprovider", __file__],
+        [sys.executable, "-m", "pytest", "-v", "-rs", "-p", "no:cacheprovider", __file__],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
     out = proc.stdout + proc.stderr
@@ -58,6 +75,10 @@ def test_interpreter_in_subprocess(tmp_path):
     # Everything but this test, which skips itself when the kernels run in process.
     assert _summary(proc.stdout) == {"passed": int(collected[1]) - 1, "skipped": 1}, out[-3000:]
     assert "kernels already run in this process" in out, out[-3000:]
+    # The backward variants ran, every one of their cases (a parametrization that lost cases fails here).
+    for name, count in BACKWARD_CASES.items():
+        ran = re.findall(rf"::{name}\[\S*\] PASSED", proc.stdout)
+        assert len(ran) == count, (name, len(ran), count)
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +188,104 @@ def test_triton_plain_tf32_when_torch_allows_it(triton_module):
     assert abs(float(got[0]) - float(ref[0])) < 2e-3 * abs(float(ref[0]))
     for a, b in zip(got[1:], ref[1:]):
         assert rel_err(a, b) < 1e-2
+
+
+@pytest.fixture
+def backward(request, monkeypatch, triton_module):
+    """Selects the backward named by the test's parameter; slabs of ``slab_rows`` rows when a test gives them."""
+    name, slab_rows = request.param if isinstance(request.param, tuple) else (request.param, None)
+    monkeypatch.setattr(triton_module, "BACKWARD", name)
+    if slab_rows is not None:
+        monkeypatch.setattr(triton_module, "SLAB_MIN_ROWS", slab_rows)
+        monkeypatch.setattr(triton_module, "SLAB_ELEMS", 1)
+    return name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n,d,with_groups,backward",
+                         [(n, d, grp, (b, rows)) for n, d, grp, rows in SHAPES for b in BACKWARDS],
+                         indirect=["backward"], ids=lambda v: str(v[0]) if isinstance(v, tuple) else str(v))
+def test_backward_matches_reference(backward, dtype, n, d, with_groups):
+    """Each backward: loss and the gradients of text, image and scale against float64."""
+    t, i = features(n, d, dtype=dtype, seed=n + d, device=DEVICE)
+    scale = torch.tensor(7.0, device=DEVICE)
+    g = groups(n, seed=d).to(DEVICE) if with_groups else None
+    got = fast_with_grads(contrastive_loss, t, i, scale, impl="triton", group_ids=g)
+    assert got[1].dtype == dtype and got[2].dtype == dtype
+    _check(got, reference_with_grads(t, i, scale, g), dtype, n)
+
+
+def _one_way_reference(a, b, scale, offset, ga, gb):
+    """Float64 ``Σ_i [lse_j S_ij - S_{i, i+offset}]`` over the allowed columns, and its gradients (a, b, scale)."""
+    a, b, s = (x.detach().double().cpu().requires_grad_(True) for x in (a, b, scale))
+    logits = s * a @ b.T
+    rows = torch.arange(a.shape[0])[:, None]
+    cols = torch.arange(b.shape[0])[None, :]
+    excluded = (ga.cpu()[:, None] == gb.cpu()[None, :]) & (cols != rows + offset)
+    logits = logits.masked_fill(excluded, float("-inf"))
+    loss = (torch.logsumexp(logits, 1) - logits[rows[:, 0], rows[:, 0] + offset]).sum()
+    loss.backward()
+    return loss.detach(), a.grad, b.grad, s.grad
+
+
+@pytest.mark.parametrize("d", ONE_WAY_D)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backward", [(b, 8) for b in BACKWARDS], indirect=True, ids=lambda v: v[0])
+def test_backward_one_way_hard_columns(backward, dtype, d):
+    """The cross-rank block with hard negatives (kernels/distributed.py): 11 rows of one rank against the
+    global batch's 23 pairs and K = 2 mined columns per pair (69 columns), positives at offset 9; mined
+    columns share groups with rows (duplicates of positives, excluded from those rows)."""
+    m, pairs, k, off = 11, 23, 2, 9
+    gen = torch.Generator().manual_seed(d)
+    t_all, i_all = features(pairs, d, dtype=dtype, seed=d + 1)
+    hard = features(pairs * k, d, dtype=dtype, seed=d + 2)[1]
+    b_all = torch.cat([i_all, hard]).to(DEVICE)
+    g_pairs = torch.arange(pairs) // 2 * 5
+    gb = torch.cat([g_pairs, g_pairs[torch.randint(0, pairs, (pairs * k,), generator=gen)]]).to(DEVICE)
+    a_all = t_all[off:off + m].to(DEVICE)
+    ga = gb[off:off + m]
+    got = []
+    for leaf in (a_all, b_all, torch.tensor(6.0, device=DEVICE)):
+        got.append(leaf.detach().clone().requires_grad_(True))
+    a, b, s = got
+    loss = one_way_loss_sum(a, b, s, offset=off, ga=ga, gb=gb, impl="triton")
+    loss.backward()
+    ref = _one_way_reference(a_all, b_all, torch.tensor(6.0), off, ga, gb)
+    loss_tol, grad_tol = TOL[dtype]
+    assert abs(float(loss.detach()) - float(ref[0])) <= loss_tol * abs(float(ref[0]))
+    assert a.grad.dtype == dtype and b.grad.dtype == dtype
+    for name, x, r in zip(("a", "b", "scale"), (a.grad, b.grad, s.grad), ref[1:]):
+        assert rel_err(x, r) < grad_tol, (name, rel_err(x, r))
+
+
+@pytest.mark.parametrize("backward", BACKWARDS, indirect=True)
+def test_backward_one_side_only(backward):
+    """Only text needs a gradient (frozen image tower): one side computed, the other None."""
+    t, i = features(33, 40, seed=5, device=DEVICE)
+    scale = torch.tensor(5.0, device=DEVICE)
+    g = groups(33, seed=6).to(DEVICE)
+    tt = t.clone().requires_grad_(True)
+    contrastive_loss(tt, i, scale, impl="triton", group_ids=g).backward()
+    ref = reference_with_grads(t, i, scale, g)
+    assert rel_err(tt.grad, ref[1]) < TOL[torch.float32][1]
+
+
+@pytest.mark.parametrize("backward", ["split", "slab"], indirect=True)
+def test_backward_deterministic(backward):
+    """The deterministic backwards give the same bits twice (on a GPU too, where "tile" would not)."""
+    t, i = features(45, 40, dtype=torch.bfloat16, seed=8, device=DEVICE)
+    scale = torch.tensor(5.0, device=DEVICE)
+    g = groups(45, seed=9).to(DEVICE)
+    first = fast_with_grads(contrastive_loss, t, i, scale, impl="triton", group_ids=g)
+    second = fast_with_grads(contrastive_loss, t, i, scale, impl="triton", group_ids=g)
+    for x, y in zip(first, second):
+        assert torch.equal(x, y)
+
+
+def test_backward_unknown_name_is_refused(monkeypatch, triton_module):
+    from ldot.kernels import KernelError
+
+    monkeypatch.setattr(triton_module, "BACKWARD", "fused")
+    t, i = features(5, 8, device=DEVICE)
+    with pytest.raises(KernelError, match="LDOT_LOSS_BACKWARD"):
+        fast_with_grads(contrastive_loss, t, i, None, impl="triton")
