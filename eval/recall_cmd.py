@@ -30,11 +30,11 @@ def add_parser(sub) -> None:
                    help="rank from the full n_captions x n_images score matrix (small splits; a cross-check)")
     p.add_argument("--curve-k", type=int, default=50, help="largest K of the recall-at-K picture")
     p.add_argument("--figure-queries", type=int, default=4, help="text queries in the top-10 picture (0: none)")
-    p.add_argument("--rerank", metavar="CKPT", help="also re-rank each query's top M with this second dual encoder "
-                                                  "and report recall after")
+    p.add_argument("--rerank", metavar="CKPT", help="also re-rank each query's top M with this re-ranker (a "
+                   "cross-encoder trained with task=rerank, or a second dual encoder) and report recall after")
     p.add_argument("--rerank-top", type=int, default=20, metavar="M", help="candidates re-ranked (paper: 20 or 50)")
     p.add_argument("--rerank-weight", type=float, default=0.0,
-                   help="re-ranked score = second model's score + this x first-stage score")
+                   help="re-ranked score = re-ranker's score + this x first-stage score")
     p.add_argument("--cpu-index", action="store_true", help="keep FAISS on the CPU even with faiss-gpu and CUDA")
     p.add_argument("--out", help="recall JSON path (default: CHECKPOINT/recall.json; .md and .png files beside it)")
     p.add_argument("--no-log", action="store_true", help="do not record in the checkpoint's MLflow run")
@@ -141,12 +141,14 @@ def run(args) -> int:
         print(full_table)
         md += f"\nFull setting ({full['num_images']} images, {full['num_captions']} captions):\n\n{full_table}\n"
 
-    if reranked:
-        rr_table = format_table(reranked["recall"], None, ks).replace("| model |", "| re-ranked |")
-        print(f"\nAfter re-ranking each query's top {args.rerank_top} with {args.rerank} "
-              f"({reranked['seconds']:.1f} s):\n")
+    if reranked:  # the first stage's row, then the re-ranked one beside it
+        row = format_table(reranked["recall"], None, ks).splitlines()[-1]
+        rr_table = "\n".join([format_table(recall, None, ks).replace("| model |", "| first stage |"),
+                              row.replace("| model |", f"| re-ranked top {args.rerank_top} |")])
+        print(f"\nAfter re-ranking each query's top {args.rerank_top} with {args.rerank} ({reranked['kind']}, "
+              f"{reranked['seconds']:.1f} s):\n")
         print(rr_table)
-        md += f"\nAfter re-ranking the top {args.rerank_top} with {args.rerank}:\n\n{rr_table}\n"
+        md += f"\nAfter re-ranking the top {args.rerank_top} with {args.rerank} ({reranked['kind']}):\n\n{rr_table}\n"
 
     out = Path(args.out) if args.out else Path(args.checkpoint) / "recall.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -189,15 +191,16 @@ def run(args) -> int:
 
 
 def _rerank(args, split, top, ks, device) -> dict:
-    """Recall after re-ranking each row's top M (both directions) with a second dual encoder."""
+    """Recall after re-ranking each row's top M (both directions) with the re-ranker the export holds."""
     from ldot.eval.image_store import ImageStore
     from ldot.eval.metrics import retrieval_recall
-    from ldot.eval.rerank import DualEncoderReranker, rerank_topk
+    from ldot.eval.rerank import CrossEncoderReranker, load_reranker, rerank_topk
 
     t = time.perf_counter()
-    reranker = DualEncoderReranker.from_checkpoint(args.rerank, ImageStore(split.data_dir, split.keys), device=device)
+    reranker = load_reranker(args.rerank, ImageStore(split.data_dir, split.keys), device=device)
     after = rerank_topk(top, split.captions, reranker, args.rerank_top, first_weight=args.rerank_weight)
-    return {"checkpoint": str(args.rerank), "top": args.rerank_top, "weight": args.rerank_weight,
+    kind = "cross-encoder" if isinstance(reranker, CrossEncoderReranker) else "dual-encoder"
+    return {"checkpoint": str(args.rerank), "kind": kind, "top": args.rerank_top, "weight": args.rerank_weight,
             "recall": retrieval_recall(after, split.caption_image, ks), "seconds": time.perf_counter() - t}
 
 

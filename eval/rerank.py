@@ -1,6 +1,9 @@
 """Re-ranking: a second, costlier scorer applied to the first stage's top M (the paper's M = 20 or 50).
 
-A `Reranker` scores (caption text, image row) pairs. `rerank_topk` re-orders the first M candidates of
+A `Reranker` scores (caption text, image row) pairs. Two kinds, told apart by the export's ldot.json
+(`load_reranker`): the cross-attention re-ranker the paper uses (CrossEncoderReranker: caption and
+regions in one transformer, one pass per pair; trained with `task: rerank`), and a second dual encoder
+(DualEncoderReranker: another checkpoint's own <text, image> product, no cross-attention). `rerank_topk` re-orders the first M candidates of
 every row of a TopK by that score (optionally mixed with the first-stage score) and leaves the rest
 where they were, below; the result is a TopK again, so recall after re-ranking is computed by the
 same eval.metrics.retrieval_recall as before.
@@ -48,11 +51,7 @@ class DualEncoderReranker(Reranker):
         from ldot.model import load_dual_encoder
 
         tokenizer, model, meta = load_dual_encoder(checkpoint, device=device)
-        if meta.get("feature_dim") not in (None, store.feature_dim):
-            from ldot.eval.errors import EvalError
-
-            raise EvalError(f"{checkpoint}: re-ranker was trained on {meta['feature_dim']}-d features, "
-                            f"{store.data_dir} has {store.feature_dim}")
+        _check_features(checkpoint, meta, store)
         return cls(model, tokenizer, store, max_text_len=meta.get("max_text_len", 32), device=device, **kw)
 
     def reset(self) -> None:
@@ -78,6 +77,72 @@ class DualEncoderReranker(Reranker):
         t = torch.stack([self._text[x] for x in texts])
         i = torch.stack([self._image[int(r)] for r in rows])
         return (t * i).sum(-1).numpy()
+
+
+class CrossEncoderReranker(Reranker):
+    """The cross-attention re-ranker (ldot.model.cross_encoder): caption and regions in one transformer,
+    one ITM logit per pair. Pairs go through in forwards of `batch_size` (a query's M candidates in one
+    forward whenever M <= batch_size; rerank_topk hands over whole rows, so a batch_size that is a
+    multiple of M keeps every query's candidates together). Region features are read once per image and
+    kept (reset() forgets them)."""
+
+    def __init__(self, model, tokenizer, store, *, max_text_len: int = 32, device="cpu", batch_size: int = 100):
+        self.model, self.tokenizer, self.store = model, tokenizer, store
+        self.max_text_len, self.device, self.batch_size = max_text_len, torch.device(device), batch_size
+        self._regions: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint, store, device="cpu", **kw) -> "CrossEncoderReranker":
+        from ldot.model import load_cross_encoder
+
+        tokenizer, model, meta = load_cross_encoder(checkpoint, device=device)
+        _check_features(checkpoint, meta, store)
+        return cls(model, tokenizer, store, max_text_len=meta.get("max_text_len", 32), device=device, **kw)
+
+    def reset(self) -> None:
+        self._regions.clear()
+
+    def _images(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        from ldot.data import schema
+        from ldot.data.batching import collate_images
+
+        for r in {int(r) for r in rows if int(r) not in self._regions}:
+            self._regions[r] = self.store.regions(r)
+        return collate_images([{schema.FEAT: self._regions[int(r)][0], schema.BOX: self._regions[int(r)][1]}
+                               for r in rows])
+
+    @torch.no_grad()
+    def score_pairs(self, texts: Sequence[str], rows: np.ndarray) -> np.ndarray:
+        from ldot.data.loader import tokenize
+
+        dtype = next(self.model.parameters()).dtype
+        out = []
+        for s in range(0, len(texts), self.batch_size):
+            text = tokenize(self.tokenizer, list(texts[s:s + self.batch_size]), self.max_text_len)
+            img = self._images(np.asarray(rows[s:s + self.batch_size]))
+            scores = self.model(text["input_ids"].to(self.device), text["attention_mask"].to(self.device),
+                                img["img_feat"].to(self.device, dtype), img["img_pos"].to(self.device, dtype),
+                                img["img_mask"].to(self.device))
+            out.append(scores.float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def _check_features(checkpoint, meta: dict, store) -> None:
+    if meta.get("feature_dim") not in (None, store.feature_dim):
+        from ldot.eval.errors import EvalError
+
+        raise EvalError(f"{checkpoint}: re-ranker was trained on {meta['feature_dim']}-d features, "
+                        f"{store.data_dir} has {store.feature_dim}")
+
+
+def load_reranker(checkpoint, store, device="cpu", **kw) -> Reranker:
+    """The re-ranker an export holds, by its ldot.json format: a cross-encoder, or a second dual encoder."""
+    from ldot.model import read_export_meta
+    from ldot.model.cross_encoder import CROSS_FORMAT
+
+    if read_export_meta(checkpoint).get("format") == CROSS_FORMAT:
+        return CrossEncoderReranker.from_checkpoint(checkpoint, store, device=device, **kw)
+    return DualEncoderReranker.from_checkpoint(checkpoint, store, device=device, **kw)
 
 
 def rerank_row(ids: np.ndarray, scores: np.ndarray, new: np.ndarray, m: int, first_weight: float = 0.0):

@@ -16,7 +16,8 @@ def add_parser(sub) -> None:
     p.add_argument("--checkpoint", required=True, help="the exported encoders that built the index")
     p.add_argument("--query", required=True, action="append", help="query text (repeat for several)")
     p.add_argument("-k", type=int, default=10, help="results to print")
-    p.add_argument("--rerank", metavar="CKPT", help="re-rank the top M with another exported dual encoder")
+    p.add_argument("--rerank", metavar="CKPT", help="re-rank the top M with this re-ranker (a cross-encoder trained "
+                   "with task=rerank, or another exported dual encoder)")
     p.add_argument("--rerank-top", type=int, default=20, metavar="M", help="candidates re-ranked (paper: 20 or 50)")
     p.add_argument("--rerank-weight", type=float, default=0.0,
                    help="final score = re-ranker score + this x first-stage score")
@@ -46,13 +47,13 @@ def run(args) -> int:
     reranker = None
     if args.rerank:
         from ldot.eval.image_store import ImageStore
-        from ldot.eval.rerank import DualEncoderReranker
+        from ldot.eval.rerank import load_reranker
 
         data = args.data or idx.meta.get("data")
         if not data:
             raise EvalError(f"{args.index}: records no dataset directory; pass --data for the re-ranker")
         store = ImageStore(data, [it["key"] for it in idx.items])
-        reranker = DualEncoderReranker.from_checkpoint(args.rerank, store, device=device)
+        reranker = load_reranker(args.rerank, store, device=device)
     t_load = time.perf_counter() - t0
 
     def sync():

@@ -51,11 +51,12 @@ class RegionEmbeddings(nn.Module):
     region_type = 0, which computes exactly what they computed.
     """
 
-    def __init__(self, config: BertConfig):
+    def __init__(self, config: BertConfig, with_cls: bool = True):
         super().__init__()
         h = config.hidden_size
-        self.cls = nn.Parameter(torch.zeros(1, 1, h))
-        self.cls_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        if with_cls:  # the cross-encoder (model/cross_encoder.py) takes the regions alone
+            self.cls = nn.Parameter(torch.zeros(1, 1, h))
+            self.cls_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
         self.feat_linear = nn.Linear(config.feature_dim, h)
         self.feat_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
         self.box_linear = nn.Linear(BOX_DIM, h)
@@ -63,11 +64,16 @@ class RegionEmbeddings(nn.Module):
         self.region_type = nn.Parameter(torch.zeros(h))
         self.norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self._register_load_state_dict_pre_hook(_upgrade_v1_region_embeddings)
+        if with_cls:
+            self._register_load_state_dict_pre_hook(_upgrade_v1_region_embeddings)
+
+    def regions(self, img_feat, img_pos):
+        """The regions alone, LN(LN_f(W_f feat) + LN_b(W_b box7) + type[1]), before dropout."""
+        x = self.feat_norm(self.feat_linear(img_feat)) + self.box_norm(self.box_linear(img_pos))
+        return self.norm(x + self.region_type.to(x.dtype))
 
     def forward(self, img_feat, img_pos, img_mask):
-        x = self.feat_norm(self.feat_linear(img_feat)) + self.box_norm(self.box_linear(img_pos))
-        x = self.norm(x + self.region_type.to(x.dtype))
+        x = self.regions(img_feat, img_pos)
         cls = self.cls_norm(self.cls.to(x.dtype)).expand(x.shape[0], -1, -1)
         mask = torch.cat([img_mask.new_ones(img_mask.shape[0], 1), img_mask], dim=1)
         return self.dropout(torch.cat([cls, x], dim=1)), mask
@@ -118,8 +124,6 @@ def attention_mask_4d(config: BertConfig, mask: torch.Tensor, dtype: torch.dtype
     embeds = mask.new_empty((mask.shape[0], mask.shape[1], 0), dtype=dtype)  # shape, dtype and device only
     return create_bidirectional_mask(config=config, inputs_embeds=embeds, attention_mask=mask,
                                      allow_is_bidirectional_skip=False)
-
-
 
 
 class ProjectionHead(nn.Module):
@@ -255,9 +259,10 @@ class DualEncoder(nn.Module):
                 self.contrastive.logit_scale())
 
 
-def enable_grad_checkpointing(model: DualEncoder) -> None:
-    """Both encoders recompute their layers in the backward; dropout masks are replayed (RNG state kept)."""
-    for encoder in (model.text, model.image):
+def enable_grad_checkpointing(model) -> None:
+    """Both encoders of a DualEncoder (or the one stream of a cross-encoder, a BertPreTrainedModel) recompute
+    their layers in the backward; dropout masks are replayed (RNG state kept)."""
+    for encoder in ((model.text, model.image) if isinstance(model, DualEncoder) else (model,)):
         # transformers 5 renamed gradient_checkpointing_enable to activation_checkpointing_enable
         if hasattr(encoder, "activation_checkpointing_enable"):
             encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

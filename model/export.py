@@ -14,6 +14,7 @@ from ldot.model.dual_encoder import DualEncoder, ImageEncoder
 from ldot.model.errors import ModelError
 
 EXPORT_META = "ldot.json"
+DUAL_FORMAT = "ldot-dual-encoder"
 # 2: the image encoder's embeddings are UNITER's (a [CLS] token with its own LayerNorm, a region type
 # vector). Version 1 exports still load: their weights map exactly onto the new layout (see
 # RegionEmbeddings), so they compute what they computed.
@@ -30,20 +31,35 @@ def export_dual_encoder(model: DualEncoder, tokenizer, out_dir: str | Path, meta
     model.image.save_pretrained(out / "image_encoder")
     heads = {k: v for k, v in model.state_dict().items() if k.startswith(_HEADS)}
     torch.save(heads, out / "heads.pt")
-    info = {"format": "ldot-dual-encoder", "version": EXPORT_VERSION, "normalize": model.normalize,
+    info = {"format": DUAL_FORMAT, "version": EXPORT_VERSION, "normalize": model.normalize,
             "projection": not isinstance(model.text_proj, nn.Identity),
             "scale_mode": model.contrastive.scale_mode, "embed_dim": model.embed_dim, **meta}
     (out / EXPORT_META).write_text(json.dumps(info, indent=2))
     return out
 
 
+def read_export_meta(path: str | Path) -> dict:
+    """An export directory's ldot.json; its "format" says which model it holds (none: a dual encoder)."""
+    meta_file = Path(path) / EXPORT_META
+    if not meta_file.is_file():
+        raise ModelError(f"{path} is not an exported ldot checkpoint (no {EXPORT_META})")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as exn:
+        raise ModelError(f"{meta_file}: not valid JSON ({exn})") from None
+    if not isinstance(meta, dict):
+        raise ModelError(f"{meta_file}: not a JSON object")
+    return meta
+
+
 def load_dual_encoder(path: str | Path, device: str | torch.device = "cpu"):
     """Load an exported dual encoder: returns (tokenizer, model in eval mode, meta dict)."""
     path = Path(path)
+    meta = read_export_meta(path)
     meta_file = path / EXPORT_META
-    if not meta_file.is_file():
-        raise ModelError(f"{path} is not an exported ldot checkpoint (no {EXPORT_META})")
-    meta = json.loads(meta_file.read_text())
+    if meta.get("format", DUAL_FORMAT) != DUAL_FORMAT:
+        raise ModelError(f"{path}: a {meta['format']} export, not a dual encoder (a cross-encoder re-ranks: "
+                         "give it as --rerank)")
     if meta.get("version") not in READS_VERSIONS:
         raise ModelError(f"{meta_file}: export format version {meta.get('version')!r}; this code reads versions "
                          f"{', '.join(map(str, READS_VERSIONS))}")

@@ -292,8 +292,8 @@ def import_lightningdot(checkpoint: str | Path, out: str | Path, tokenizer_path:
     return {**meta, "embed_dim": model.embed_dim}
 
 
-def _encoder_state(path: str | Path, prefixes: tuple[str, ...], what: str, marker: str) -> dict:
-    """A pretrained model's encoder weights, found under the first of `prefixes` that holds `marker`."""
+def _model_state(path: str | Path, prefixes: tuple[str, ...], what: str, marker: str) -> tuple[dict, str]:
+    """(a pretrained model's whole state dict, the first of `prefixes` under which it holds `marker`)."""
     obj = load_checkpoint(path)
     if isinstance(obj, dict) and isinstance(obj.get("model_dict"), dict):
         obj = obj["model_dict"]
@@ -302,9 +302,14 @@ def _encoder_state(path: str | Path, prefixes: tuple[str, ...], what: str, marke
     sd = _clean(obj)
     for prefix in prefixes:
         if prefix + marker in sd:
-            return _sub(sd, prefix)
+            return sd, prefix
     raise ModelError(f"{path}: not a {what} checkpoint: lacks {' or '.join(p + marker for p in prefixes)} "
                      f"(holds {_prefixes(sd)})")
+
+
+def _encoder_state(path: str | Path, prefixes: tuple[str, ...], what: str, marker: str) -> dict:
+    """A pretrained model's encoder weights, found under the first of `prefixes` that holds `marker`."""
+    return _sub(*_model_state(path, prefixes, what, marker))
 
 
 def uniter_image_encoder(path: str | Path, *, num_heads: int | None = None, dropout: float = 0.1) -> ImageEncoder:
@@ -322,6 +327,48 @@ def bert_text_encoder(path: str | Path, *, num_heads: int | None = None, dropout
     return text_encoder_from_bert(sd, str(path), num_heads=num_heads, dropout=dropout)
 
 
-__all__ = ["ORIGINAL_CLS_ID", "bert_text_encoder", "dual_encoder_from_lightningdot",
+def cross_encoder_from_uniter(path: str | Path, *, num_heads: int | None = None, dropout: float = 0.1):
+    """uniter-base.pt (or a UNITER retrieval checkpoint) → the cross-encoder re-ranker, all of it: UNITER's
+    text and image embeddings, layers and pooler, and the ITM head: `rank_output` where the file has one
+    (UNITER fine-tuned for retrieval), else the "match" row of the pretraining head `itm_output`, as
+    UNITER's UniterForImageTextRetrieval.init_output starts its rank_output. The pretraining heads (MLM,
+    MRFR, MRC) are left out."""
+    from ldot.model.cross_encoder import CrossEncoder
+
+    where = str(path)
+    full, prefix = _model_state(path, ("bert.", "uniter.", ""), "UNITER", "img_embeddings.img_linear.weight")
+    head = "rank_output" if "rank_output.weight" in full else "itm_output"
+    if head + ".weight" not in full:
+        raise ModelError(f"{path}: has no ITM head (rank_output.* or itm_output.*) to score pairs with")
+    sd = _sub(full, prefix)
+    n = _layers(sd, where)
+    pooler = ["pooler.dense.weight", "pooler.dense.bias"]  # the ITM head reads the pooled [CLS]
+    _check_keys(sd, list(_TEXT_EMBEDDINGS) + list(_IMAGE_EMBEDDINGS) + _layer_keys(n) + pooler, where)
+    word, pos, typ = (sd[k] for k in _TEXT_EMBEDDINGS[:3])
+    if typ.shape[0] < 2:
+        raise ModelError(f"{where}: {typ.shape[0]} token type(s); UNITER's regions are type 1")
+    if sd["img_embeddings.pos_linear.weight"].shape[1] != BOX_DIM:
+        raise ModelError(f"{where}: pos_linear takes {sd['img_embeddings.pos_linear.weight'].shape[1]} box "
+                         f"inputs, this model {BOX_DIM}")
+    cfg = _bert_config(sd, n, num_heads, where, dropout, vocab_size=word.shape[0], max_position_embeddings=pos.shape[0],
+                       type_vocab_size=typ.shape[0], pad_token_id=0,
+                       feature_dim=sd["img_embeddings.img_linear.weight"].shape[1])
+    ours = {k: sd[k] for k in list(_TEXT_EMBEDDINGS) + _layer_keys(n) + pooler}
+    # UNITER's regions add the text side's token type 1 (one shared table); here that row is the region
+    # type (text tokens are all type 0, so the row is the regions' alone either way)
+    ours["img_embeddings.region_type"] = typ[1]
+    rename = {"img_linear": "feat_linear", "img_layer_norm": "feat_norm", "pos_linear": "box_linear",
+              "pos_layer_norm": "box_norm", "LayerNorm": "norm"}
+    for src, dst in rename.items():
+        for p in ("weight", "bias"):
+            ours[f"img_embeddings.{dst}.{p}"] = sd[f"img_embeddings.{src}.{p}"]
+    w, b = full[head + ".weight"], full[head + ".bias"]
+    ours["itm.weight"], ours["itm.bias"] = (w, b) if head == "rank_output" else (w[1:], b[1:])
+    model = CrossEncoder(cfg)
+    _load(model, _float(ours), f"{where} [{prefix}*, {head}]")
+    return model
+
+
+__all__ = ["ORIGINAL_CLS_ID", "bert_text_encoder", "cross_encoder_from_uniter", "dual_encoder_from_lightningdot",
            "image_encoder_from_uniter", "import_lightningdot", "load_checkpoint", "load_tokenizer",
            "split_lightningdot", "text_encoder_from_bert", "uniter_image_encoder"]

@@ -1,5 +1,6 @@
 """The demo pipeline end to end on a tiny configuration, with the real commands and real components:
-synth -> inspect -> 2-rank torchrun + DeepSpeed ZeRO-2 -> eval recall -> MLflow read back."""
+synth -> inspect -> 2-rank torchrun + DeepSpeed ZeRO-2 -> eval mine -> the cross-encoder re-ranker (a few steps;
+task=rerank, 2 ranks) -> eval recall with the re-ranked row -> MLflow read back."""
 import json
 import os
 import re
@@ -34,8 +35,15 @@ def demo(tmp_path_factory, tiny_shards):
           "data.batch_size=8", "optim.max_steps=16", "optim.lr=3e-4", "optim.warmup_ratio=0.1",
           "tracking.experiment=pipeline-test", f"data.val={data / 'test'}", "eval.every_steps=8"])
     ckpt = run / "checkpoints" / "final"
+    # the re-ranker as train/configs/rerank-demo.yaml trains it (mined on the training split), a few steps here
+    _run([sys.executable, "-m", "ldot.eval", "mine", "--checkpoint", str(ckpt), "--data", str(data / "train"),
+          "--out", str(out / "mined"), "--k", "20"])
+    _run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "ldot.train",
+          "--config", "train/configs/rerank-demo.yaml", f"output_dir={out / 'rerank'}", f"data.train={data / 'train'}",
+          f"rerank.mined={out / 'mined'}", f"rerank.init_from={ckpt}", "optim.max_steps=4",
+          "tracking.experiment=pipeline-test-rerank"])
     recall = _run([sys.executable, "-m", "ldot.eval", "recall", "--checkpoint", str(ckpt),
-                   "--data", str(data / "test")])
+                   "--data", str(data / "test"), "--rerank", str(out / "rerank" / "checkpoints" / "final")])
     return {"out": out, "data": data, "run": run, "ckpt": ckpt, "inspect": inspect.stdout,
             "recall_stdout": recall.stdout}
 
@@ -94,3 +102,26 @@ def test_mlflow_run_holds_loss_and_recall(demo):
     assert len(losses) == 16
     # the loss falls: the last steps' mean is well below the first steps'
     assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
+
+
+def test_reranked_row_is_recorded_beside_the_first_stage(demo):
+    """The re-ranked table: the cross-encoder's row in recall.json under `rerank`, printed beside the
+    first stage's, and in the dual encoder's MLflow run as test/rerank_*."""
+    import mlflow
+
+    result = json.loads((demo["ckpt"] / "recall.json").read_text())
+    rr = result["rerank"]
+    assert rr["kind"] == "cross-encoder" and rr["top"] == 20 and rr["checkpoint"].endswith("rerank/checkpoints/final")
+    assert set(rr["recall"]) == set(result["recall"]) and all(0.0 <= v <= 1.0 for v in rr["recall"].values())
+    # re-ranking inside the top 20 leaves recall at 20 as it was; R@10 can only use what the top 20 holds
+    first_stage = re.search(r"^\| first stage \|.*$", demo["recall_stdout"], re.MULTILINE)
+    reranked = re.search(r"^\| re-ranked top 20 \|(.*)$", demo["recall_stdout"], re.MULTILINE)
+    assert first_stage and reranked, demo["recall_stdout"][-2000:]
+    printed = [float(x) for x in reranked.group(1).strip(" |").split("|")]
+    assert printed == pytest.approx([100 * rr["recall"][k] for k in ("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5",
+                                                                     "ir_r10", "ar")], abs=0.051)
+    info = json.loads((demo["run"] / "mlflow_run.json").read_text())
+    run = mlflow.tracking.MlflowClient(info["tracking_uri"]).get_run(info["run_id"])
+    assert run.data.metrics["test/rerank_ar"] == pytest.approx(rr["recall"]["ar"])
+    meta = json.loads((demo["out"] / "rerank" / "checkpoints" / "final" / "ldot.json").read_text())
+    assert meta["format"] == "ldot-cross-encoder" and meta["steps"] == 4

@@ -187,6 +187,45 @@ class PretrainConfig:
 
 
 @dataclass
+class RerankConfig:
+    """task=rerank: the cross-attention re-ranker (model/cross_encoder.py), trained with listwise ITM on the
+    dual encoder's mined hard negatives (train/rerank.py says how and why)."""
+    mined: str = ""
+    """`ldot eval mine --data DATA.TRAIN` output directory (txt2img.jsonl, img2txt.jsonl) of the dual
+    encoder the re-ranker will serve."""
+    negatives: int = 3
+    """K: negatives per query list, drawn each step from its mined list. Each training image gives two
+    lists (its caption against 1 + K images, the image against 1 + K captions): 2K + 1 pairs."""
+    from_top: Optional[int] = None
+    """Draw from the first N entries of each mined list only (None: all that were mined)."""
+    random: int = 0
+    """R more negatives per list drawn uniformly from the whole training set (lists of 1 + K + R). A
+    re-ranker without a pretrained ITM head does not learn from mined negatives alone (train/rerank.py)."""
+    layers: Optional[int] = None
+    """Keep the first N transformer layers of the model it starts from (None: all): the demo's small re-ranker."""
+    uniter: Optional[str] = None
+    """A UNITER checkpoint (uniter-base.pt; or a UNITER retrieval one with rank_output): the whole
+    re-ranker starts from it (embeddings, layers, pooler, ITM head), its size from the file; needs
+    model.tokenizer (bert-base-cased's vocab). The paper's re-ranker is UNITER."""
+    init_from: Optional[str] = None
+    """An exported dual encoder (the first stage, e.g. the one that mined rerank.mined): the re-ranker's
+    text embeddings and layers start from its text encoder, its region embeddings from its image
+    encoder's (ITM head fresh). Neither set: from model.text_encoder's BERT, regions fresh."""
+
+    def __post_init__(self):
+        if self.negatives < 1:
+            raise ConfigError(f"rerank.negatives must be >= 1, got {self.negatives}")
+        if self.random < 0:
+            raise ConfigError(f"rerank.random must be >= 0, got {self.random}")
+        if self.from_top is not None and self.from_top < self.negatives:
+            raise ConfigError(f"rerank.from_top={self.from_top} is below rerank.negatives={self.negatives}")
+        if self.layers is not None and self.layers < 1:
+            raise ConfigError(f"rerank.layers must be >= 1, got {self.layers}")
+        if self.uniter and self.init_from:
+            raise ConfigError("rerank.uniter and rerank.init_from both start the re-ranker: set one")
+
+
+@dataclass
 class HardNegativesConfig:
     """Fine-tuning with FAISS-mined hard negatives (train/hard_negatives.py), as the original's
     --num_hard_negatives: each round the current model mines on all ranks, and every caption's CMR row gains
@@ -305,9 +344,11 @@ class TrackingConfig:
 class TrainConfig:
     output_dir: str = "out/run"
     seed: int = 0
-    task: Literal["finetune", "pretrain"] = "finetune"
-    """finetune = CMR only; pretrain = one of CMR/VMLM/MRFR/MRC-kl per step (see `pretrain`)."""
+    task: Literal["finetune", "pretrain", "rerank"] = "finetune"
+    """finetune = CMR only; pretrain = one of CMR/VMLM/MRFR/MRC-kl per step (see `pretrain`); rerank = the
+    cross-attention re-ranker on mined hard negatives (see `rerank`)."""
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    rerank: RerankConfig = field(default_factory=RerankConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -332,6 +373,27 @@ class TrainConfig:
             raise ConfigError("data.train is required: the training dataset directory")
         if self.eval.every_steps and not self.data.val:
             raise ConfigError("eval.every_steps needs data.val, the validation dataset directory")
+        if self.task == "rerank":
+            self._check_rerank()
+
+    def _check_rerank(self) -> None:
+        m = self.model
+        if not self.rerank.mined:
+            raise ConfigError("task=rerank needs rerank.mined: the `ldot eval mine` output directory of data.train")
+        if not isinstance(self.data.train, str):
+            raise ConfigError("data.train: task=rerank trains on one dataset directory, the one rerank.mined was mined on")
+        if self.rerank.uniter and not m.tokenizer:
+            raise ConfigError("rerank.uniter needs model.tokenizer (a vocab file or tokenizer directory)")
+        for key, value in (("model.init_from", m.init_from), ("model.image_init", m.image_init),
+                           ("model.text_init", m.text_init), ("data.token_budget", self.data.token_budget)):
+            if value:
+                raise ConfigError(f"{key} does not apply to task=rerank (the re-ranker starts from model.text_encoder "
+                                  "or rerank.uniter, and batches a fixed number of images)")
+        if self.eval.every_steps:
+            raise ConfigError("eval.every_steps: task=rerank has no periodic validation; measure the re-ranker with "
+                              "`ldot eval recall --rerank`")
+        if m.compile:
+            raise ConfigError("model.compile is not wired for the cross-encoder (task=rerank)")
 
 
 # --------------------------------------------------------------------------------------------

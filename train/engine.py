@@ -13,7 +13,7 @@ import deepspeed
 import torch
 from torch import nn
 
-from ldot.model import export_dual_encoder
+from ldot.model import CrossEncoder, export_cross_encoder, export_dual_encoder
 from ldot.train.config import EngineConfig, OptimConfig
 from ldot.train.errors import ConfigError
 
@@ -101,8 +101,9 @@ def loss_scale(engine) -> float:
 
 
 def export_from_engine(engine, tokenizer, out_dir: Path, meta: dict, is_main: bool) -> None:
-    """Export the encoders; under ZeRO-3 every rank joins the gather of the partitioned weights."""
+    """Export the encoders (or the re-ranker); under ZeRO-3 every rank joins the gather of the partitioned weights."""
     params = list(engine.module.parameters()) if engine.zero_optimization_stage() == 3 else []
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=bool(params)):
         if is_main:
-            export_dual_encoder(engine.module, tokenizer, out_dir, meta)
+            export = export_cross_encoder if isinstance(engine.module, CrossEncoder) else export_dual_encoder
+            export(engine.module, tokenizer, out_dir, meta)

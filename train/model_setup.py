@@ -1,12 +1,13 @@
-"""The trainer's model: a dual encoder built from the config's model and loss sections."""
+"""The trainer's model: a dual encoder built from the config's model and loss sections, or for task=rerank
+the cross-encoder re-ranker from its model and rerank sections."""
 from __future__ import annotations
 
 from transformers import AutoTokenizer, BertConfig, BertModel
 
 from ldot.kernels import ContrastiveLoss
 from ldot.model import (DualEncoder, ImageEncoder, PretrainHeads, compile_regions, enable_grad_checkpointing,
-                        load_dual_encoder, resolve_text_encoder, tie_mlm_decoder)
-from ldot.train.config import LossConfig, ModelConfig
+                        load_dual_encoder, resolve_text_encoder, set_attention, tie_mlm_decoder)
+from ldot.train.config import LossConfig, ModelConfig, RerankConfig
 from ldot.train.errors import ConfigError
 
 
@@ -60,6 +61,39 @@ def _build(model_cfg: ModelConfig, loss_cfg: LossConfig, feature_dim: int, pretr
                         contrastive=ContrastiveLoss(loss_cfg.scale, loss_cfg.init_scale, impl=loss_cfg.impl),
                         pretrain_heads=heads)
     return tokenizer, model.train()  # from_pretrained hands back the text encoder in eval mode
+
+
+def build_cross_encoder(model_cfg: ModelConfig, rerank_cfg: RerankConfig, feature_dim: int):
+    """A cross-encoder re-ranker for task=rerank: from rerank.uniter (all of it), from rerank.init_from's dual
+    encoder (text side and region embeddings), else model.text_encoder's BERT (regions fresh); then its
+    first rerank.layers layers. The ITM head starts fresh but from UNITER's."""
+    from ldot.model.cross_encoder import cross_encoder_from_bert, cross_encoder_from_dual_encoder
+
+    if rerank_cfg.uniter:
+        from ldot.model.lightningdot import cross_encoder_from_uniter, load_tokenizer
+
+        model = cross_encoder_from_uniter(rerank_cfg.uniter, dropout=model_cfg.dropout)
+        tokenizer = load_tokenizer(model_cfg.tokenizer)
+        if model.config.feature_dim != feature_dim:
+            raise ConfigError(f"rerank.uniter={rerank_cfg.uniter} takes {model.config.feature_dim}-d region features, "
+                              f"the data has {feature_dim}")
+        if len(tokenizer) > model.config.vocab_size:
+            raise ConfigError(f"model.tokenizer: {len(tokenizer)} tokens, rerank.uniter embeds {model.config.vocab_size}")
+    elif rerank_cfg.init_from:
+        tokenizer, dual, meta = load_dual_encoder(rerank_cfg.init_from)
+        if meta.get("feature_dim", feature_dim) != feature_dim:
+            raise ConfigError(f"rerank.init_from={rerank_cfg.init_from} was trained on {meta['feature_dim']}-d "
+                              f"features, the data has {feature_dim}")
+        model = cross_encoder_from_dual_encoder(dual, dropout=model_cfg.dropout)
+    else:
+        text, tokenizer = _text_encoder(model_cfg)
+        model = cross_encoder_from_bert(text, feature_dim)
+    if rerank_cfg.layers is not None:
+        model.keep_layers(rerank_cfg.layers)
+    set_attention(model, model_cfg.attention)
+    if model_cfg.grad_checkpointing:
+        enable_grad_checkpointing(model)
+    return tokenizer, model.train()
 
 
 def _text_encoder(model_cfg: ModelConfig):

@@ -1,4 +1,5 @@
-"""LightningDOT's objectives: CMR (global-batch contrastive), VMLM, and SMRM as MRFR and MRC-kl.
+"""LightningDOT's objectives: CMR (global-batch contrastive), VMLM, and SMRM as MRFR and MRC-kl; and the
+cross-encoder re-ranker's ITM (task=rerank).
 
 Masking happens here, on the device, from a generator seeded by (seed, step, rank, micro-step): a
 resumed run draws exactly the masks the uninterrupted run drew, with no RNG state to checkpoint. The
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from ldot import kernels
 from ldot.model import DualEncoder
 
-TASKS = ("cmr", "vmlm", "mrfr", "mrckl")
+TASKS = ("cmr", "vmlm", "mrfr", "mrckl", "rerank")
 IGNORE = -100
 
 
@@ -111,6 +112,15 @@ class Objectives:
         self.last_scale = None if scale is None else scale.detach()
         return kernels.global_contrastive_loss(text, image, scale, group_ids=batch["group_ids"],
                                                impl=m.contrastive.impl, sizes=sizes)
+
+    def rerank(self, batch: dict, g=None) -> torch.Tensor:
+        """The cross-encoder re-ranker's listwise ITM over each query's 1 positive + K mined negatives
+        (train/rerank.py: the batch's lists, and why listwise)."""
+        from ldot.train.rerank import listwise_itm_loss
+
+        scores = self.forward(batch["input_ids"], batch["attention_mask"], batch["img_feat"], batch["img_pos"],
+                              batch["img_mask"])
+        return listwise_itm_loss(scores, batch["lists"])
 
     def vmlm(self, batch: dict, g: torch.Generator) -> torch.Tensor:
         """Masked words predicted from z_m + h_0 (masked text states plus the image's [CLS])."""

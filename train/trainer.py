@@ -27,9 +27,10 @@ from ldot.train.hard_negatives import FILE as HARD_NEGATIVES_FILE, HardNegativeB
 from ldot.train.job_tracking import JobRecord, start_job_tracking
 from ldot.train.metrics import MetricsProcessor
 from ldot.train.mixing import MixSampler
-from ldot.train.model_setup import build_dual_encoder
+from ldot.train.model_setup import build_cross_encoder, build_dual_encoder
 from ldot.train.objectives import Objectives, TaskSampler
 from ldot.train.preemption import PreemptionWatch
+from ldot.train.rerank import rerank_batches
 from ldot.train.step import train_step
 from ldot.train.validator import Validator
 
@@ -55,15 +56,18 @@ class Trainer:
         self.mixed = isinstance(cfg.data.train, list)
         manifest = self._check_sets(sets)
         micro = cfg.data.micro_batch(dist.world_size, cfg.optim.grad_accum)
-        pretrain = cfg.task == "pretrain"
-        ratios = cfg.pretrain.ratios() if pretrain else {"cmr": 1.0}
+        pretrain, rerank = cfg.task == "pretrain", cfg.task == "rerank"
+        ratios = cfg.pretrain.ratios() if pretrain else {"rerank" if rerank else "cmr": 1.0}
         if self.mixed:  # every task some set trains; the sets' own ratios are drawn by self.tasks
             ratios = {t: sum(r[t] for _, r in sets) for t in ratios}
         num_classes = manifest.class_dim or 0
         if ratios.get("mrckl", 0) > 0 and not num_classes:
             raise ConfigError(f"{cfg.data.train} has no class distributions (cls.npy) for MRC-kl: set pretrain.mrckl=0")
-        self.tokenizer, model = build_dual_encoder(cfg.model, cfg.loss, feature_dim=manifest.feature_dim,
-                                                   pretrain=pretrain, num_classes=num_classes)
+        if rerank:
+            self.tokenizer, model = build_cross_encoder(cfg.model, cfg.rerank, feature_dim=manifest.feature_dim)
+        else:
+            self.tokenizer, model = build_dual_encoder(cfg.model, cfg.loss, feature_dim=manifest.feature_dim,
+                                                       pretrain=pretrain, num_classes=num_classes)
         model.to(dist.device)
         self.engine, ds_config = build_engine(model, cfg.optim, cfg.engine, micro)
         loaders = [TrainLoader(path, self.tokenizer, batch_size=None if cfg.data.token_budget else micro,
@@ -73,6 +77,9 @@ class Trainer:
                                with_cls=(set_ratios if self.mixed else ratios).get("mrckl", 0) > 0)
                    for path, set_ratios in sets]
         self.loader = MixedLoader(loaders) if self.mixed else loaders[0]
+        if rerank:  # each image of a batch becomes its two query lists of mined negatives
+            self.loader = rerank_batches(self.loader, cfg.rerank, cfg.data.train, self.tokenizer, seed=cfg.seed,
+                                         max_text_len=cfg.data.max_text_len)
         # the forward through the engine: DeepSpeed's per-micro-batch bookkeeping (ldot.train.objectives)
         self.objectives = Objectives(self.engine.module, self.tokenizer, mask_prob=cfg.pretrain.mask_prob,
                                      forward=self.engine, region_reduction=cfg.pretrain.region_loss_reduction)

@@ -37,3 +37,21 @@ def other_checkpoint(tmp_path_factory, tiny_text_encoder, test_split_dir):
 
     fd = read_manifest(test_split_dir).feature_dim
     return _export(tmp_path_factory.mktemp("ckpt") / "b", tiny_text_encoder, fd, seed=1, projection=True)
+
+
+@pytest.fixture(scope="session")
+def cross_checkpoint(tmp_path_factory, tiny_text_encoder, test_split_dir):
+    """An untrained 1-layer cross-encoder re-ranker over the tiny BERT, exported as task=rerank exports it."""
+    import torch
+
+    from ldot.data.schema import read_manifest
+    from ldot.model import export_cross_encoder
+    from ldot.train.config import ModelConfig, RerankConfig
+    from ldot.train.model_setup import build_cross_encoder
+
+    fd = read_manifest(test_split_dir).feature_dim
+    torch.manual_seed(2)
+    tok, model = build_cross_encoder(ModelConfig(text_encoder=tiny_text_encoder, dropout=0.0),
+                                     RerankConfig(mined="unused", layers=1), fd)
+    return export_cross_encoder(model.eval(), tok, tmp_path_factory.mktemp("ckpt") / "cross",
+                                {"feature_dim": fd, "max_text_len": 32, "steps": 0})

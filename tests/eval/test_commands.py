@@ -37,7 +37,7 @@ def test_recall_command_table_files_pictures_full_setting_and_rerank(tmp_path, t
                  "--batch-size", "64", "--rerank", str(other_checkpoint), "--rerank-top", "8"]) == 0
     printed = capsys.readouterr().out
     assert "| model |" in printed and "| chance |" in printed and "Full setting" in printed
-    assert "| re-ranked |" in printed
+    assert "| first stage |" in printed and "| re-ranked top 8 |" in printed
     rec = json.loads(out.read_text())
     _, _, enc = embeddings
     split, txt, img = enc["test"]
@@ -208,3 +208,36 @@ def test_mine_under_two_ranks_writes_what_one_process_writes(tmp_path, tiny_chec
         b = [json.loads(x) for x in (tmp_path / "two" / name).read_text().splitlines()]
         assert [r["negatives"] for r in a] == [r["negatives"] for r in b]
         np.testing.assert_allclose([r["scores"] for r in a], [r["scores"] for r in b], atol=1e-4)
+
+
+def test_search_reranks_with_a_cross_encoder(index_dir, tiny_checkpoint, cross_checkpoint, embeddings, capsys):
+    """--rerank takes the cross-encoder export (told apart by its ldot.json): the top M in the order of its
+    scores, each pair scored by the model itself."""
+    import torch
+
+    from ldot.data import schema
+    from ldot.data.batching import collate_images
+    from ldot.data.loader import tokenize
+    from ldot.eval.image_store import ImageStore
+    from ldot.eval.recall import encode_queries
+    from ldot.model import load_cross_encoder
+
+    tok, model, enc = embeddings
+    split, _, img = enc["test"]
+    query = "a small red circle at the top left, white background"
+    capsys.readouterr()
+    assert main(["search", "--index", str(index_dir), "--checkpoint", str(tiny_checkpoint), "--query", query,
+                 "-k", "8", "--rerank", str(cross_checkpoint), "--rerank-top", "8", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)["results"][0]["hits"]
+    first = np.argsort(-(encode_queries(model, tok, [query]) @ img.T)[0])[:8]
+    ctok, cross, _ = load_cross_encoder(cross_checkpoint)
+    store = ImageStore(split.data_dir, split.keys)
+    scores = []
+    with torch.no_grad():
+        for r in first:
+            feat, box = store.regions(int(r))
+            im, t = collate_images([{schema.FEAT: feat, schema.BOX: box}]), tokenize(ctok, [query], 32)
+            scores.append(cross(t["input_ids"], t["attention_mask"], im["img_feat"], im["img_pos"], im["img_mask"]).item())
+    want = first[np.argsort(-np.array(scores), kind="stable")]
+    assert [h["image_id"] for h in hits] == [split.image_ids[i] for i in want]
+    np.testing.assert_allclose([h["score"] for h in hits], np.sort(scores)[::-1], rtol=1e-4, atol=1e-5)

@@ -89,3 +89,46 @@ def test_second_dual_encoder_reranks_like_by_hand(tiny_checkpoint, other_checkpo
     same = DualEncoderReranker(a, tok_a, ImageStore(test_split_dir, split.keys))
     assert retrieval_recall(rerank_topk(top, split.captions, same, m), cap_img, ks) == pytest.approx(
         retrieval_recall(top, cap_img, ks))
+
+
+class Recorder(Reranker):
+    """Passes pairs on to a re-ranker and keeps each (caption, image row)'s score."""
+
+    def __init__(self, inner):
+        self.inner, self.seen = inner, {}
+
+    def score_pairs(self, texts, rows):
+        scores = self.inner.score_pairs(texts, rows)
+        self.seen.update(zip(zip(texts, map(int, rows)), scores))
+        return scores
+
+
+def test_cross_encoder_scores_a_pair_alike_both_ways(tiny_checkpoint, cross_checkpoint, test_split_dir):
+    """A (caption, image) pair met in a caption's image list (IR) and in an image's caption list (TR) gets
+    one score: the same as scored alone, whatever else shares its forward (other captions' padding)."""
+    from ldot.data.loader import load_eval_split
+    from ldot.eval.image_store import ImageStore
+    from ldot.eval.rerank import CrossEncoderReranker, load_reranker
+    from ldot.model import load_dual_encoder
+
+    split = load_eval_split(test_split_dir)
+    store = ImageStore(test_split_dir, split.keys)
+    assert isinstance(load_reranker(tiny_checkpoint, store), DualEncoderReranker)
+    reranker = load_reranker(cross_checkpoint, store)
+    assert isinstance(reranker, CrossEncoderReranker)
+    tok, a, _ = load_dual_encoder(tiny_checkpoint)
+    txt, img = encode_split(a, split, tok, batch_size=32, progress=False)
+    top = topk_from_embeddings(txt, img, split.caption_image, 8)
+    ways = {}
+    for way in ("ir", "tr"):
+        rec = Recorder(reranker)
+        rerank_topk(top, split.captions, rec, 8, directions=(way,))
+        ways[way] = rec.seen
+    both = sorted(ways["ir"].keys() & ways["tr"].keys())
+    assert len(both) >= 30, len(both)
+    spread = float(np.ptp([ways["ir"][p] for p in both]))
+    assert spread > 1e-3  # the scores differ between pairs, so agreeing means something
+    for pair in both:
+        assert ways["ir"][pair] == pytest.approx(ways["tr"][pair], abs=1e-5 * max(1.0, spread)), pair
+    alone = reranker.score_pairs([both[0][0]], np.array([both[0][1]]))[0]
+    assert alone == pytest.approx(ways["ir"][both[0]], abs=1e-5 * max(1.0, spread))

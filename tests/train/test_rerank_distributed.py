@@ -1,0 +1,88 @@
+"""task=rerank under torchrun: 2 ranks train the cross-encoder exactly as 1 rank does on the global batch
+(per-step loss, every gradient before clipping, DeepSpeed's global grad norm, the weights), and a rerank
+run through the Trainer that stops after a checkpoint and resumes continues exactly as the straight run."""
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("rerank_worker.py")
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+# float32 on CPU, summed in another order (all-reduce vs one batch): as tests/train/test_train_distributed.py
+LOSS_TOL, NORM_TOL, GRAD_TOL, WEIGHT_TOL = 1e-5, 1e-5, 1e-4, 1e-6
+# True gradient zero, computed as rounding noise that Adam would blow up to full-size steps of any sign
+# (tests/train/test_train_distributed.py): the attention key biases (softmax over keys is shift-invariant)
+# and the ITM head's bias (it shifts every score of a list alike; the listwise softmax ignores that)
+ZERO_GRAD = re.compile(r"(\.attention\.self\.key\.bias|^itm\.bias)$")
+ZERO_GRAD_TOL = 1e-6  # of the global norm
+
+pytestmark = pytest.mark.torchrun
+
+
+def torchrun(nproc, *args, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", str(nproc), str(WORKER), *map(str, args)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+
+
+@pytest.fixture(scope="module")
+def mined(tmp_path_factory):
+    """16 images x 3 captions (random 8-d features) and `eval mine`'s files from a random first stage."""
+    from ldot.data.loader import load_eval_split
+    from ldot.eval.hard_negatives import mine, write_jsonl
+    from ldot.eval.recall import topk_from_embeddings
+
+    spec = importlib.util.spec_from_file_location("datafixtures", ROOT / "tests" / "data" / "datafixtures.py")
+    fixtures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fixtures)
+    out = tmp_path_factory.mktemp("rerank-dist")
+    data = fixtures.write_random_dataset(out / "train", 16, shard_size=4, captions=3)
+    split = load_eval_split(data)
+    rng = np.random.default_rng(0)
+    img = rng.standard_normal((16, 6)).astype(np.float32)
+    txt = (img[split.caption_image] + rng.standard_normal((len(split.captions), 6))).astype(np.float32)
+    write_jsonl(out / "mined", split, mine(topk_from_embeddings(txt, img, split.caption_image, 6),
+                                           split.caption_image, 6))
+    return data, out / "mined"
+
+
+def test_two_ranks_train_the_reranker_as_one_rank_on_the_global_batch(tmp_path, tiny_text_encoder, mined):
+    data, mined_dir = mined
+    torchrun(2, "equivalence", tmp_path / "two.pt", tiny_text_encoder, data, mined_dir)
+    torchrun(1, "equivalence", tmp_path / "one.pt", tiny_text_encoder, data, mined_dir)
+    two, one = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
+    assert len(one["losses"]) == len(two["grads"]) == 4
+    assert two["losses"] == pytest.approx(one["losses"], rel=LOSS_TOL), (two["losses"], one["losses"])
+    assert one["losses"][-1] < one["losses"][0] - 0.01  # it trained: step 4 repeats step 1's batch
+    assert two["grad_norms"] == pytest.approx(one["grad_norms"], rel=NORM_TOL)
+    for step, (g2, g1, norm) in enumerate(zip(two["grads"], one["grads"], one["grad_norms"]), start=1):
+        assert g2.keys() == g1.keys()
+        for name, g in g1.items():
+            if ZERO_GRAD.search(name):
+                assert max(g.norm(), g2[name].norm()) <= ZERO_GRAD_TOL * norm, (step, name)
+                continue
+            assert (g2[name] - g).norm() <= GRAD_TOL * g.norm() + 1e-12, (step, name, (g2[name] - g).norm(), g.norm())
+    for name, w in one["weights"].items():
+        if not ZERO_GRAD.search(name):
+            torch.testing.assert_close(two["weights"][name], w, rtol=WEIGHT_TOL, atol=WEIGHT_TOL, msg=name)
+
+
+def test_a_rerank_run_resumes_exactly(tmp_path, tiny_text_encoder, mined):
+    """Dropout on: steps 4-6 after the restart draw the same pairs, negatives and dropout masks."""
+    data, mined_dir = mined
+    torchrun(2, "resume", tmp_path / "res.pt", tiny_text_encoder, data, mined_dir)
+    res = torch.load(tmp_path / "res.pt")
+    assert res["start"] == 3 and sorted(res["resumed"]) == sorted(res["straight"]) == list(range(1, 7))
+    for step, (task, loss) in res["straight"].items():
+        assert task == "rerank" and res["resumed"][step] == (task, pytest.approx(loss, rel=1e-6, abs=1e-6)), step
+    for name, w in res["w_straight"].items():
+        torch.testing.assert_close(res["w_resumed"][name], w, rtol=1e-6, atol=1e-6, msg=name)
