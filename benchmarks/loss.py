@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import datetime as dt
+import functools
 import multiprocessing as mp
 import os
 import platform
@@ -126,7 +127,7 @@ def measure(which: str, impl: str, n: int, d: int, dtype: str, device: str, rep:
             ms = _time_cpu(step, int(rep))
         if verbose and which == "fused" and device == "cuda":
             with torch.no_grad():
-                fwd = _time_cuda(lambda: contrastive_loss(t, i, s, impl=impl), rep)
+                fwd = _time_cuda(functools.partial(contrastive_loss, t, i, s, impl=impl), rep)
             print(f"  n={n} d={d}: fused forward {fwd:.2f} ms, backward {ms - fwd:.2f} ms; tuned: {_tuned()}", flush=True)
         return ms, peak, float(loss.detach())
     except torch.cuda.OutOfMemoryError:

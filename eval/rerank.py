@@ -3,10 +3,10 @@
 A `Reranker` scores (caption text, image row) pairs. Two kinds, told apart by the export's ldot.json
 (`load_reranker`): the cross-attention re-ranker the paper uses (CrossEncoderReranker: caption and
 regions in one transformer, one pass per pair; trained with `task: rerank`), and a second dual encoder
-(DualEncoderReranker: another checkpoint's own <text, image> product, no cross-attention). `rerank_topk` re-orders the first M candidates of
-every row of a TopK by that score (optionally mixed with the first-stage score) and leaves the rest
-where they were, below; the result is a TopK again, so recall after re-ranking is computed by the
-same eval.metrics.retrieval_recall as before.
+(DualEncoderReranker: another checkpoint's own <text, image> product, no cross-attention).
+`rerank_topk` re-orders the first M candidates of every row of a TopK by that score (optionally mixed
+with the first-stage score) and leaves the rest where they were, below; the result is a TopK again, so
+recall after re-ranking is computed by the same eval.metrics.retrieval_recall as before.
 """
 from __future__ import annotations
 

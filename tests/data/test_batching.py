@@ -64,14 +64,18 @@ def test_token_budget_pads_less_than_fixed_batches(varied, tokenizer):
     tb = take(budget, 30)
     mean_size = round(np.mean([b["input_ids"].shape[0] for b in tb]))
     fixed = take(TrainLoader(varied, tokenizer, batch_size=mean_size), 30)
-    eff = lambda bs: sum(real_cost(b) for b in bs) / sum(padded_cost(b) for b in bs)
+    def eff(bs):
+        return sum(real_cost(b) for b in bs) / sum(padded_cost(b) for b in bs)
+
     assert eff(tb) > eff(fixed) + 0.1, (eff(tb), eff(fixed))
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_token_budget_exact_resume(varied, tokenizer, num_workers):
     kw = dict(batch_size=None, token_budget=300, bucket_buffer=16, seed=5, num_workers=num_workers, world_size=2)
-    fp = lambda b: (b["group_ids"].tolist(), b["input_ids"].tolist())
+    def fp(b):
+        return b["group_ids"].tolist(), b["input_ids"].tolist()
+
     full = [fp(b) for b in take(TrainLoader(varied, tokenizer, **kw), 30)]
     for cut in (3, 11, 17):
         first = TrainLoader(varied, tokenizer, **kw)

@@ -5,7 +5,6 @@ same order when the new ranks' batches are laid end to end in rank order."""
 import itertools
 
 import pytest
-import torch
 
 from ldot.data import DataError
 from ldot.data.loader import TrainLoader

@@ -22,7 +22,9 @@ def test_shards_and_manifest(tmp_path):
 def test_same_input_gives_identical_bytes(tmp_path):
     a = write_random_dataset(tmp_path / "a", 12, seed=5)
     b = write_random_dataset(tmp_path / "b", 12, seed=5)
-    digest = lambda d: [hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.glob("shard-*.tar"))]
+    def digest(d):
+        return [hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.glob("shard-*.tar"))]
+
     assert digest(a) == digest(b)
 
 

@@ -26,7 +26,7 @@ def _lightningdot_tests():
     return mod
 
 
-O = _lightningdot_tests()
+LD = _lightningdot_tests()
 
 
 def uniter_itm(u, itm: nn.Linear, ids, txt_mask, feat, pos7, img_mask, row: int):
@@ -44,7 +44,7 @@ def uniter_itm(u, itm: nn.Linear, ids, txt_mask, feat, pos7, img_mask, row: int)
                            + e.token_type_embeddings(torch.ones(1, k, dtype=torch.long)))
         x = torch.cat([txt, img], 1)
         for layer in u.encoder.layer:
-            x = O.layer_forward(layer, x, torch.ones(1, x.shape[1]))
+            x = LD.layer_forward(layer, x, torch.ones(1, x.shape[1]))
         out.append(itm(torch.tanh(u.pooler.dense(x[:, 0])))[0, row])
     return torch.stack(out)
 
@@ -55,11 +55,11 @@ def pairs(tokenizer):
                     return_tensors="pt")
     rng = np.random.default_rng(0)
     n = [7, 3, 5]
-    feat, pos7, mask = torch.zeros(3, 7, O.IMG_DIM), torch.zeros(3, 7, 7), torch.zeros(3, 7, dtype=torch.long)
+    feat, pos7, mask = torch.zeros(3, 7, LD.IMG_DIM), torch.zeros(3, 7, 7), torch.zeros(3, 7, dtype=torch.long)
     for i, k in enumerate(n):
         xy = rng.uniform(0, 0.5, (k, 2)).astype(np.float32)
         box = np.concatenate([xy, xy + rng.uniform(0.1, 0.5, (k, 2)).astype(np.float32)], 1)
-        feat[i, :k] = torch.from_numpy(rng.standard_normal((k, O.IMG_DIM)).astype(np.float32))
+        feat[i, :k] = torch.from_numpy(rng.standard_normal((k, LD.IMG_DIM)).astype(np.float32))
         pos7[i, :k] = torch.from_numpy(region_positions(box))
         mask[i, :k] = 1
     return enc["input_ids"], enc["attention_mask"], feat, pos7, mask
@@ -70,30 +70,30 @@ def test_uniter_weights_compute_uniters_itm_score(tmp_path, head):
     """uniter-base.pt (pretraining ITM head: its "match" row starts the score, as UNITER's init_output) or
     a UNITER retrieval checkpoint (rank_output): the cross-encoder's logit is UNITER's, on pairs whose
     text and regions are padded differently."""
-    m = O.bi_encoder(O.vocab_size(), seed=3)
+    m = LD.bi_encoder(LD.vocab_size(), seed=3)
     u = m.img_model.bert
     torch.manual_seed(1)
-    itm = nn.Linear(O.H, 2 if head == "itm_output" else 1)
+    itm = nn.Linear(LD.H, 2 if head == "itm_output" else 1)
     sd = {f"bert.{k}": v for k, v in u.state_dict().items()}
     sd.update({f"{head}.{k}": v for k, v in itm.state_dict().items()})
-    sd["cls.predictions.bias"] = torch.zeros(O.vocab_size())  # UNITER's other pretraining heads beside it
-    sd["feat_regress.weight"] = torch.zeros(O.IMG_DIM, O.H)
+    sd["cls.predictions.bias"] = torch.zeros(LD.vocab_size())  # UNITER's other pretraining heads beside it
+    sd["feat_regress.weight"] = torch.zeros(LD.IMG_DIM, LD.H)
     torch.save(sd, tmp_path / "uniter.pt")
 
-    model = cross_encoder_from_uniter(tmp_path / "uniter.pt", num_heads=O.HEADS).eval()
-    ids, txt_mask, feat, pos7, img_mask = pairs(load_tokenizer(O.write_vocab(tmp_path / "vocab.txt")))
+    model = cross_encoder_from_uniter(tmp_path / "uniter.pt", num_heads=LD.HEADS).eval()
+    ids, txt_mask, feat, pos7, img_mask = pairs(load_tokenizer(LD.write_vocab(tmp_path / "vocab.txt")))
     with torch.no_grad():
         got = model(ids, txt_mask, feat, pos7, img_mask)
         want = uniter_itm(u, itm, ids, txt_mask, feat, pos7, img_mask, row=1 if head == "itm_output" else 0)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    assert model.config.feature_dim == O.IMG_DIM and model.config.num_hidden_layers == O.LAYERS
+    assert model.config.feature_dim == LD.IMG_DIM and model.config.num_hidden_layers == LD.LAYERS
 
 
 def test_uniter_without_an_itm_head_is_one_line(tmp_path):
-    m = O.bi_encoder(O.vocab_size())
+    m = LD.bi_encoder(LD.vocab_size())
     torch.save({f"bert.{k}": v for k, v in m.img_model.bert.state_dict().items()}, tmp_path / "u.pt")
     with pytest.raises(ModelError, match="no ITM head"):
-        cross_encoder_from_uniter(tmp_path / "u.pt", num_heads=O.HEADS)
+        cross_encoder_from_uniter(tmp_path / "u.pt", num_heads=LD.HEADS)
 
 
 def test_export_loads_back_and_says_what_it_is(tmp_path, tiny_text_encoder):
@@ -103,10 +103,10 @@ def test_export_loads_back_and_says_what_it_is(tmp_path, tiny_text_encoder):
 
     torch.manual_seed(0)
     text = BertModel.from_pretrained(tiny_text_encoder, add_pooling_layer=False)
-    model = cross_encoder_from_bert(text, feature_dim=O.IMG_DIM).eval()
+    model = cross_encoder_from_bert(text, feature_dim=LD.IMG_DIM).eval()
     model.keep_layers(1)
     tok = AutoTokenizer.from_pretrained(tiny_text_encoder)
-    export_cross_encoder(model, tok, tmp_path / "x", {"feature_dim": O.IMG_DIM, "max_text_len": 24})
+    export_cross_encoder(model, tok, tmp_path / "x", {"feature_dim": LD.IMG_DIM, "max_text_len": 24})
     assert read_export_meta(tmp_path / "x")["format"] == CROSS_FORMAT
     tok2, loaded, meta = load_cross_encoder(tmp_path / "x")
     assert meta["layers"] == 1 and meta["max_text_len"] == 24 and not loaded.training

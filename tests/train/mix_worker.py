@@ -39,7 +39,7 @@ def run(out_dir, text_encoder, a, b, resume=None):
     mine = {"losses": losses, "draws": draws, "counts": counts, "start_step": t.start_step}
     every = [None] * t.dist.world_size
     torch.distributed.all_gather_object(every, mine)
-    del t
+    t = None  # the Trainer freed before the next run builds its own (rec above closes over t)
     gc.collect()
     torch.distributed.barrier()
     return every

@@ -25,7 +25,8 @@ def test_bf16_pretraining_runs_every_task(tmp_path, tiny_text_encoder):
                            "-m", "ldot.train", "--config", "train/configs/demo.yaml", f"output_dir={out}",
                            f"data.train={data / 'train'}", f"model.text_encoder={tiny_text_encoder}",
                            "model.image_layers=1", "data.batch_size=4", "optim.max_steps=12", "engine.precision=bf16",
-                           "optim.grad_accum=2", "engine.deepspeed_config=deepspeed_configs/zero2-offload.json", "task=pretrain", "pretrain.cmr=1", "pretrain.vmlm=1", "pretrain.mrfr=1", "pretrain.mrckl=1"],
+                           "optim.grad_accum=2", "engine.deepspeed_config=deepspeed_configs/zero2-offload.json", "task=pretrain",
+                           "pretrain.cmr=1", "pretrain.vmlm=1", "pretrain.mrfr=1", "pretrain.mrckl=1"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     from mlflow.tracking import MlflowClient
