@@ -11,7 +11,7 @@ from datafixtures import BAD_SAMPLES, good_members, truncate, write_raw_dataset
 from ldot.data import DataError, schema
 from ldot.data.loader import EpochPlan, TrainLoader, load_eval_split
 
-KEYS = {"input_ids", "attention_mask", "img_feat", "img_pos", "img_mask", "group_ids", "image_id"}
+KEYS = {"input_ids", "attention_mask", "img_feat", "img_pos", "img_mask", "group_ids", "caption_index", "image_id"}
 
 
 def take(loader, n):
@@ -42,6 +42,11 @@ def test_batch_contract(small_dataset, tokenizer):
     assert b["input_ids"].dtype == b["attention_mask"].dtype == b["group_ids"].dtype == torch.int64
     assert b["input_ids"].shape == b["attention_mask"].shape and b["input_ids"].shape[1] <= 32
     assert len(b["image_id"]) == 6
+    # caption_index: which of its image's captions a row holds (hard-negative mining names captions by it)
+    assert b["caption_index"].dtype == torch.int64
+    for ids, index in zip(b["input_ids"], b["caption_index"].tolist()):
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        assert int(re.match(r"image \d+ caption (\d)", text).group(1)) == index, (text, index)
     # Masks: regions 3..6 per image, padding is zero; attention covers exactly the non-pad tokens.
     regions = b["img_mask"].sum(1)
     assert ((regions >= 3) & (regions <= 6)).all() and N == regions.max()
