@@ -98,7 +98,9 @@ def run(args) -> int:
     t_encode = time.perf_counter() - t0
     cap_img = split.caption_image
     curve_k = min(max(args.curve_k, *ks), split.num_images)
-    depth = max(curve_k, args.rerank_top if args.rerank else 0)
+    # the search depth is not capped by the images: TR ranks captions, more of them than images
+    # (topk_from_embeddings caps each direction by its own pool)
+    depth = max(curve_k, *ks, args.rerank_top if args.rerank else 0)
     top = topk_from_embeddings(text_emb, image_emb, cap_img, depth, gpu=gpu, sharded=world > 1)
 
     full = None

@@ -241,3 +241,30 @@ def test_search_reranks_with_a_cross_encoder(index_dir, tiny_checkpoint, cross_c
     want = first[np.argsort(-np.array(scores), kind="stable")]
     assert [h["image_id"] for h in hits] == [split.image_ids[i] for i in want]
     np.testing.assert_allclose([h["score"] for h in hits], np.sort(scores)[::-1], rtol=1e-4, atol=1e-5)
+
+
+def test_recall_on_a_split_smaller_than_the_largest_k(tmp_path, tiny_checkpoint, test_split_dir):
+    """4 images x 5 captions, recall@10: IR has only 4 images to rank (R@10 = 1), TR 20 captions; the search
+    must still go 10 (+ positives) deep for TR, and the numbers equal the dense ranking's."""
+    from ldot.data.loader import load_eval_split
+    from ldot.data.schema import read_manifest
+    from ldot.data.writer import DatasetWriter
+
+    rng = np.random.default_rng(0)
+    fd = read_manifest(test_split_dir).feature_dim
+    small = tmp_path / "small"
+    with DatasetWriter(small, feature_dim=fd, source="test", split="test", shard_size=10, command="pytest") as w:
+        for k in range(4):
+            xy = rng.uniform(0, 0.5, size=(3, 2)).astype(np.float32)
+            meta = {"image_id": f"img{k}", "captions": [f"image {k} caption {i}" for i in range(5)],
+                    "split": "test", "source": "test"}
+            w.write(rng.standard_normal((3, fd)).astype(np.float16), np.concatenate([xy, xy + 0.3], 1), meta)
+    out = tmp_path / "recall.json"
+    assert main(["recall", "--checkpoint", str(tiny_checkpoint), "--data", str(small), "--out", str(out),
+                 "--no-log", "--figure-queries", "0"]) == 0
+    dense = tmp_path / "dense.json"
+    assert main(["recall", "--checkpoint", str(tiny_checkpoint), "--data", str(small), "--out", str(dense),
+                 "--no-log", "--figure-queries", "0", "--dense"]) == 0
+    rec, ref = json.loads(out.read_text()), json.loads(dense.read_text())
+    assert rec["recall"] == pytest.approx(ref["recall"], abs=1e-9)
+    assert rec["recall"]["ir_r10"] == 1.0 and len(load_eval_split(small).caption_image) == 20
