@@ -486,6 +486,31 @@ class TrainLoader:
         self._batches = int(state["batches"])
 
 
+class LoaderAdapter:
+    """Another loader's batches, each transformed by ``adapt``; that loader's state is the whole state, so the
+    adapter checkpoints and resumes exactly as it does (the trainer's hard-negative and re-ranker batches)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        return self.loader.skipped
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield self.adapt(batch)
+
+    def adapt(self, batch: dict) -> dict:
+        raise NotImplementedError
+
+
 def _upgrade(state: dict) -> dict:
     """A version-1 state (this rank's workers' positions as a list, no layout) in today's form."""
     if state.get("version") != 1:

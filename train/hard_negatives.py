@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ldot.data.loader import LoaderAdapter
 from ldot.train.config import HardNegativesConfig
 from ldot.train.errors import ConfigError
 
@@ -181,23 +182,13 @@ class HardNegatives:
         log.info("hard negatives mined at step %d restored from %s", self.mined_at, path)
 
 
-class HardNegativeBatches:
+class HardNegativeBatches(LoaderAdapter):
     """The loader's batches with their hard negatives attached (HardNegatives.attach, with the lists current
     when each batch is drawn); the loader's state is the whole state."""
 
     def __init__(self, loader, hard: HardNegatives):
-        self.loader, self.hard = loader, hard
+        super().__init__(loader)
+        self.hard = hard
 
-    @property
-    def skipped(self) -> dict[str, int]:
-        return self.loader.skipped
-
-    def state_dict(self) -> dict:
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state)
-
-    def __iter__(self):
-        for batch in self.loader:
-            yield self.hard.attach(batch)
+    def adapt(self, batch: dict) -> dict:
+        return self.hard.attach(batch)

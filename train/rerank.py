@@ -50,6 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ldot.data.loader import LoaderAdapter
 from ldot.train.errors import ConfigError
 
 
@@ -112,7 +113,7 @@ class MinedNegatives:
                                   f"{len(lists)} {'captions' if name[0] == 't' else 'images'} (mined on another split?)")
 
 
-class RerankBatches:
+class RerankBatches(LoaderAdapter):
     """The loader's image batches turned into the re-ranker's: every image's two query lists (module doc).
 
     Yields input_ids / attention_mask [P, L], img_feat [P, N, D], img_pos [P, N, 7], img_mask [P, N] for
@@ -121,25 +122,19 @@ class RerankBatches:
 
     def __init__(self, loader, mined: MinedNegatives, store, tokenizer, *, negatives: int, from_top: int | None,
                  seed: int, max_text_len: int, random: int = 0):
-        self.loader, self.mined, self.store, self.tokenizer = loader, mined, store, tokenizer
+        super().__init__(loader)
+        self.mined, self.store, self.tokenizer = mined, store, tokenizer
         self.k, self.top, self.seed, self.max_text_len, self.random = negatives, from_top, seed, max_text_len, random
-        self._batches = 0
-
-    @property
-    def skipped(self) -> dict[str, int]:
-        return self.loader.skipped
-
-    def state_dict(self) -> dict:
-        return self.loader.state_dict()
+        self._batches = 0  # the loader's batch index, which seeds each batch's draws
 
     def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state)
+        super().load_state_dict(state)
         self._batches = int(state["batches"])
 
-    def __iter__(self):
-        for batch in self.loader:
-            yield self.make(batch["group_ids"].tolist(), batch["image_id"], self._batches)
-            self._batches += 1
+    def adapt(self, batch: dict) -> dict:
+        out = self.make(batch["group_ids"].tolist(), batch["image_id"], self._batches)
+        self._batches += 1
+        return out
 
     def _draw(self, rng: np.random.Generator, mined: np.ndarray, n: int, positive) -> np.ndarray:
         """K of a mined list, then `random` more from the whole dataset (none a positive or drawn already)."""
