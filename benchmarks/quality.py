@@ -1,0 +1,256 @@
+"""The paper's quality claims in miniature (issue 15, section 4): on the synthetic scenes (`ldot data synth`),
+the demo's dual encoder fine-tuned alone, with FAISS-mined hard negatives, pretrained first, and re-ranked by the
+cross-attention re-ranker; each row fine-tunes with the same budget (steps and global batch) and is measured on
+the test split, whose scenes all hold a colour x shape pair that training never shows (compositional
+generalization, not memory).
+
+    python benchmarks/quality.py                                # every row, ~40 min on 2 CPU cores
+    python benchmarks/quality.py --rows finetune hard           # some rows (a row's dependencies run too)
+    python benchmarks/quality.py --seeds 0 1                    # each row once per seed (mean and spread)
+
+Every training is the real `ldot train` under torchrun (train/configs/demo.yaml plus the row's overrides) and
+every number the real `ldot eval recall` (exact FAISS search). Prints a Markdown table (R@1 both ways and AR,
+percent, mean over seeds; AR against the fine-tuned-only row; training seconds of all the row's stages) and
+appends it, with device, date, command and wall time, to benchmarks/RESULTS.md (## quality).
+
+A row is a function of a Context in ROWS; it may build on another row's checkpoint (ctx.run(name)), as the
+re-ranker row re-ranks the fine-tuned-only dual encoder's top 20. Outputs (data, runs, recall.json) stay
+under --out; --reuse keeps a run whose export exists.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import append_run, device  # noqa: E402
+
+BIN = Path(sys.executable).parent
+DEMO = ROOT / "train" / "configs" / "demo.yaml"
+RERANK = ROOT / "train" / "configs" / "rerank-demo.yaml"
+
+
+@dataclass
+class Context:
+    out: Path
+    data: Path            # fine-tuning set: train/ and test/ (held-out colour x shape pairs)
+    pretrain_data: Path   # the larger pretraining set (another seed; its train/ only)
+    seed: int
+    steps: int            # fine-tuning steps of every row
+    pretrain_steps: int
+    nproc: int
+    hard_negatives: int
+    rerank_steps: int
+    reuse: bool
+    train_seconds: dict[str, float] = field(default_factory=dict)
+    reused: set[str] = field(default_factory=set)
+
+    def train(self, name: str, *overrides: str, config: Path = DEMO, steps: int | None = None) -> Path:
+        """`ldot train` (demo.yaml, or `config`, + the row's overrides) on nproc ranks; returns the export directory."""
+        run = self.out / "runs" / f"{name}-seed{self.seed}"
+        final = run / "checkpoints" / "final"
+        if self.reuse and (final / "ldot.json").is_file():
+            self.train_seconds.setdefault(name, json.loads((run / "seconds.json").read_text())["seconds"])
+            self.reused.add(name)
+            return final
+        cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(self.nproc), "-m", "ldot.train",
+               "--config", str(config), f"output_dir={run}", f"data.train={self.data / 'train'}", f"seed={self.seed}",
+               f"optim.max_steps={steps or self.steps}", "tracking.system_metrics_every_s=0",
+               f"tracking.experiment=quality-{name}", *overrides]
+        t0 = time.perf_counter()
+        log = run.parent / f"{run.name}.log"
+        run.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("w") as f:
+            proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // self.nproc))})
+        if proc.returncode != 0:
+            raise SystemExit(f"error: {name} failed (exit {proc.returncode}); see {log}")
+        self.train_seconds[name] = time.perf_counter() - t0
+        (run / "seconds.json").write_text(json.dumps({"seconds": self.train_seconds[name]}))
+        return final
+
+    def mine(self, checkpoint: Path, k: int = 20) -> Path:
+        """`ldot eval mine` of an export on the training split (the re-ranker's negatives); the output directory."""
+        out = checkpoint.parent.parent / "mined"
+        if not (self.reuse and (out / "mine.json").is_file()):
+            cmd = [str(BIN / "ldot"), "eval", "mine", "--checkpoint", str(checkpoint), "--data", str(self.data / "train"),
+                   "--out", str(out), "--k", str(k)]
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"error: mining with {checkpoint} failed: {proc.stderr.strip()[-2000:]}")
+        return out
+
+    def recall(self, checkpoint: Path, *extra: str) -> dict:
+        """`ldot eval recall` of an export on the test split; the recall.json it writes."""
+        out = checkpoint.parent.parent / "recall-test.json"
+        cmd = [str(BIN / "ldot"), "eval", "recall", "--checkpoint", str(checkpoint), "--data", str(self.data / "test"),
+               "--out", str(out), "--no-log", *extra]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"error: recall of {checkpoint} failed: {proc.stderr.strip()[-2000:]}")
+        return json.loads(out.read_text())
+
+
+@dataclass
+class Result:
+    recall: dict              # the recall table's numbers (tr_r1, ir_r1, ..., ar), fractions
+    stages: tuple[str, ...]   # the trainings the row took (their seconds are added up)
+    note: str = ""
+
+
+# -- the rows --------------------------------------------------------------------------------------------------
+
+def finetune_only(ctx: Context) -> Result:
+    """Today's demo recipe: CMR with in-batch negatives over the global batch."""
+    return Result(ctx.recall(ctx.train("finetune"))["recall"], ("finetune",))
+
+
+def hard_negatives(ctx: Context) -> Result:
+    """The same, with K hard images per caption and K hard captions per image beside the in-batch negatives,
+    re-mined by the current model at the start of every epoch after the first (the original's schedule)."""
+    k = ctx.hard_negatives
+    final = ctx.train("hard", f"hard_negatives.num_hard_negatives={k}")
+    return Result(ctx.recall(final)["recall"], ("hard",),
+                  f"K={k} a direction, drawn from the top 50, re-mined every epoch after the first; a step "
+                  f"encodes {1 + k}x the captions and images")
+
+
+def pretrained_then_finetuned(ctx: Context) -> Result:
+    """VMLM + SMRM (MRFR, MRC-kl) + CMR at the original's 8:4:4:16 on the larger set, then the same fine-tuning."""
+    pretrained = ctx.train("pretrain", "task=pretrain", f"data.train={ctx.pretrain_data / 'train'}",
+                           f"optim.max_steps={ctx.pretrain_steps}")
+    final = ctx.train("pretrained-finetune", f"model.init_from={pretrained}")
+    images = json.loads((ctx.pretrain_data / "train" / "manifest.json").read_text())["num_samples"]
+    return Result(ctx.recall(final)["recall"], ("pretrain", "pretrained-finetune"),
+                  f"pretraining: {ctx.pretrain_steps} steps on {images} other scenes (CMR:VMLM:MRFR:MRC-kl 16:8:4:4)")
+
+
+def reranked_top20(ctx: Context) -> Result:
+    """The fine-tuned-only dual encoder's top 20 re-ranked by the cross-attention re-ranker (rerank-demo.yaml),
+    trained on that dual encoder's negatives mined on the training split."""
+    first = ctx.train("finetune")
+    mined = ctx.mine(first)
+    reranker = ctx.train("rerank", f"rerank.mined={mined}", f"rerank.init_from={first}", config=RERANK,
+                         steps=ctx.rerank_steps)
+    result = ctx.recall(first, "--rerank", str(reranker), "--rerank-top", "20")
+    return Result(result["rerank"]["recall"], ("finetune", "rerank"),
+                  f"2-layer cross-encoder from the dual encoder's text side and region embeddings, {ctx.rerank_steps} "
+                  f"steps of rerank-demo.yaml (K=2 mined + R=2 random negatives a list); re-ranking the test split's "
+                  f"top 20 took {result['rerank']['seconds']:.0f} s")
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    label: str
+    run: Callable[[Context], Result]
+
+
+# The table's rows, in order.
+ROWS = [
+    Row("finetune", "dual encoder, fine-tuned only (today's demo recipe)", finetune_only),
+    Row("hard", "+ hard negatives in fine-tuning", hard_negatives),
+    Row("pretrained", "pretrained (VMLM+SMRM+CMR on a larger unlabelled-style set), then fine-tuned",
+        pretrained_then_finetuned),
+    Row("rerank", "dual encoder + cross-attention re-ranker, top 20", reranked_top20),
+]
+
+
+# -- data, table, main -----------------------------------------------------------------------------------------
+
+def synth(out: Path, *args: str) -> None:
+    if (out / "train" / "manifest.json").is_file():
+        return
+    proc = subprocess.run([str(BIN / "ldot"), "data", "synth", "--out", str(out), *args], cwd=ROOT,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: ldot data synth --out {out} failed: {proc.stderr.strip()[-2000:]}")
+
+
+def pct(values: list[float]) -> str:
+    mean = 100 * statistics.fmean(values)
+    return f"{mean:.1f}" if len(values) == 1 else f"{mean:.1f} ± {100 * (max(values) - min(values)) / 2:.1f}"
+
+
+def table(results: dict[str, list[Result]], seconds: dict[str, list[float]]) -> str:
+    base = results.get("finetune")
+    lines = ["| row | TR R@1 | IR R@1 | AR | AR vs fine-tuned only | train s |", "| --- | --- | --- | --- | --- | --- |"]
+    for row in ROWS:
+        if row.key not in results:
+            continue
+        rs = results[row.key]
+        ar = [r.recall["ar"] for r in rs]
+        delta = ("" if base is None or row.key == "finetune" else
+                 f"{100 * (statistics.fmean(ar) - statistics.fmean(r.recall['ar'] for r in base)):+.1f}")
+        lines.append(f"| {row.label} | {pct([r.recall['tr_r1'] for r in rs])} | {pct([r.recall['ir_r1'] for r in rs])} "
+                     f"| {pct(ar)} | {delta} | {statistics.fmean(seconds[row.key]):.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=ROOT / "out" / "quality")
+    p.add_argument("--rows", nargs="+", choices=[r.key for r in ROWS], default=[r.key for r in ROWS])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--images", type=int, default=1000, help="fine-tuning scenes (the demo's)")
+    p.add_argument("--test-images", type=int, default=200)
+    p.add_argument("--pretrain-images", type=int, default=3000, help="scenes of the pretraining set")
+    p.add_argument("--steps", type=int, default=200, help="fine-tuning steps of every row (the demo's)")
+    p.add_argument("--pretrain-steps", type=int, default=300)
+    p.add_argument("--hard-negatives", type=int, default=2, help="K of the hard-negative row")
+    p.add_argument("--rerank-steps", type=int, default=400, help="training steps of the re-ranker row")
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--reuse", action="store_true", help="keep runs whose export exists under --out")
+    p.add_argument("--no-record", action="store_true", help="print the table only, not into RESULTS.md")
+    args = p.parse_args(argv)
+
+    t0 = time.perf_counter()
+    data, pretrain_data = args.out / "data", args.out / "pretrain-data"
+    synth(data, "--images", str(args.images), "--test-images", str(args.test_images))
+    if "pretrained" in args.rows:  # another seed's scenes, with class distributions for MRC-kl
+        synth(pretrain_data, "--images", str(args.pretrain_images), "--test-images", "10", "--seed", "1", "--with-cls")
+    results: dict[str, list[Result]] = {}
+    seconds: dict[str, list[float]] = {}
+    reused: set[str] = set()
+    for seed in args.seeds:
+        ctx = Context(args.out, data, pretrain_data, seed, args.steps, args.pretrain_steps, args.nproc,
+                      args.hard_negatives, args.rerank_steps, args.reuse)
+        for row in ROWS:
+            if row.key in args.rows:
+                r = row.run(ctx)
+                results.setdefault(row.key, []).append(r)
+                seconds.setdefault(row.key, []).append(sum(ctx.train_seconds[s] for s in r.stages))
+                print(f"seed {seed}: {row.label}: AR {100 * r.recall['ar']:.1f}", flush=True)
+        reused |= {f"{name}-seed{seed}" for name in ctx.reused}
+    wall = time.perf_counter() - t0
+    text = table(results, seconds)
+    chance = json.loads(next(iter((args.out / "runs").glob("*/recall-test.json"))).read_text())["chance"]["ar"]
+    notes = [f"- {row.label}: {results[row.key][0].note}" for row in ROWS if row.key in results and results[row.key][0].note]
+    notes.append(f"- each row fine-tunes {args.steps} steps of demo.yaml (global batch 32, {args.nproc} ranks) on "
+                 f"{args.images} scenes; test: {args.test_images} scenes with held-out colour x shape pairs; chance AR "
+                 f"{100 * chance:.1f}; seeds {', '.join(map(str, args.seeds))}" + (" (mean ± half the range)"
+                                                                                  if len(args.seeds) > 1 else ""))
+    if reused:
+        notes.append(f"- trained by an earlier invocation (--reuse; its seconds are in the table, not in the wall "
+                     f"time): {', '.join(sorted(reused))}")
+    print("\n" + text + "\n\n" + "\n".join(notes) + f"\n\nwall time {wall / 60:.1f} min")
+    if not args.no_record:
+        command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        append_run("quality", f"### {stamp} · {device(gpu=False)}\n\n`{command.strip()}` — wall time "
+                              f"{wall / 60:.1f} min\n\n{text}\n\n" + "\n".join(notes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
