@@ -320,3 +320,28 @@ def test_value_decoding_and_nbb():
     conf = np.array([0.1, 0.9, 0.3, 0.05, 0.6], np.float32)
     assert compute_nbb(conf, 0.2, 1, 100) == 3 and compute_nbb(conf, 0.2, 4, 100) == 4
     assert compute_nbb(conf, 0.2, 1, 2) == 2 and compute_nbb(conf, 0.2, 10, 100) == 10  # not clipped to n
+
+
+def test_uniter_shards_equal_webdatasets_byte_for_byte(tmp_path):
+    """Each shard of a converted UNITER db is the tar webdataset's ShardWriter writes for the samples it holds
+    (what the converter wrote before it wrote tar members itself): decoded, re-encoded, compared byte for byte."""
+    import webdataset as wds
+
+    rng = np.random.default_rng(4)
+    images, caps = coco_set(rng, ids=tuple(range(100, 107)))
+    expected = write_img_db(tmp_path / "img_db" / "coco_val2014", images)
+    write_txt_db(tmp_path / "itm_coco_test_base-cased.db", caps)
+    out = tmp_path / "out"
+    convert("--format", "uniter", "--img-db", tmp_path / "img_db" / "coco_val2014", "--txt-db",
+            tmp_path / "itm_coco_test_base-cased.db", "--conf-th", CONF_TH, "--max-bb", MAX_BB, "--min-bb", MIN_BB,
+            "--shard-size", 3, "--out", out)
+    check(out, expected, caps)
+    m = schema.read_manifest(out)
+    assert [s.samples for s in m.shards] == [3, 3, 1]
+    golden = tmp_path / "golden"
+    golden.mkdir()
+    with wds.ShardWriter(str(golden / schema.SHARD_PATTERN), maxcount=3, verbose=0, mtime=0) as sink:
+        for s in samples(out):
+            sink.write({k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"})
+    for info in m.shards:
+        assert (out / info.name).read_bytes() == (golden / info.name).read_bytes(), info.name

@@ -60,3 +60,55 @@ def test_failed_write_leaves_no_manifest(tmp_path):
                     {"image_id": "a", "captions": ["x"], "split": "s", "source": "t"})
             raise RuntimeError("converter crashed")
     assert not (tmp_path / "ds" / schema.MANIFEST).exists()
+
+
+def _webdataset_shards(out, samples, shard_size, max_shard_bytes):
+    """The same samples through webdataset's ShardWriter, as DatasetWriter wrote them before it wrote tar
+    members itself: the golden its shards must equal byte for byte."""
+    import webdataset as wds
+
+    out.mkdir()
+    with wds.ShardWriter(str(out / schema.SHARD_PATTERN), maxcount=shard_size, maxsize=max_shard_bytes, verbose=0,
+                         mtime=0) as sink:
+        for s in samples:
+            sink.write(dict(s))
+    return {p.name: p.read_bytes() for p in sorted(out.glob("shard-*.tar"))}
+
+
+def test_shards_equal_webdatasets_byte_for_byte(tmp_path):
+    """Every member kind (feat, box, cls, json, jpg), shards cut by count and by bytes, arrays that are not
+    C-contiguous, keys tar cannot put in a plain header (long, non-ASCII), member sizes around 512."""
+    rng = np.random.default_rng(3)
+    keys = ([f"{k:08d}" for k in range(9)] + ["k" * 120, "clé-été", "a-b_c"]
+            + [f"{k:08d}" for k in range(20, 31)])
+    samples = []
+    for i, key in enumerate(keys):
+        r = int(rng.integers(1, 40))
+        dim = 8
+        feat = rng.standard_normal((r, dim)).astype(np.float16)
+        if i % 5 == 1:
+            feat = np.asfortranarray(feat)
+        xy = rng.uniform(0, 0.5, size=(r, 2)).astype(np.float32)
+        box = np.concatenate([xy, xy + 0.25], 1).astype(np.float32)
+        if i % 5 == 2:
+            box = np.concatenate([box, box], 1)[:, ::2]  # a strided view
+            box[:] = np.concatenate([xy, xy + 0.25], 1)
+        meta = {"image_id": f"img{i}", "captions": [f"caption {j} of {i} é" for j in range(1 + i % 3)],
+                "split": "train", "source": "test", "extra": {"n": i, "f": 0.1 * i}}
+        s = {"__key__": key, schema.FEAT: feat, schema.BOX: box, schema.META: meta}
+        s[schema.CLS] = rng.dirichlet(np.ones(4), size=r).astype(np.float16)[::-1]  # reversed: negative strides
+        if i % 3 == 0:
+            s[schema.THUMB] = bytes(rng.integers(0, 256, size=int(rng.integers(0, 1100)), dtype=np.uint8))
+        samples.append(s)
+    for shard_size, max_bytes in ((5, 1e9), (1000, 3000)):
+        out = tmp_path / f"ds{shard_size}"
+        with DatasetWriter(out, feature_dim=8, class_dim=4, source="test", command="pytest", shard_size=shard_size,
+                           max_shard_bytes=max_bytes) as w:
+            for s in samples:
+                w.write(s[schema.FEAT], s[schema.BOX], s[schema.META], cls=s.get(schema.CLS),
+                        thumb=s.get(schema.THUMB), key=s["__key__"])
+        golden = _webdataset_shards(tmp_path / f"golden{shard_size}", samples, shard_size, max_bytes)
+        got = {p.name: p.read_bytes() for p in sorted(out.glob("shard-*.tar"))}
+        assert list(got) == list(golden) and len(golden) > 2
+        for name in golden:
+            assert got[name] == golden[name], name
