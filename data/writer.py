@@ -1,4 +1,4 @@
-"""Writing a dataset directory: webdataset's ShardWriter for `shard-%06d.tar`, then the manifest, then a full re-check."""
+"""Writing a dataset directory: `shard-%06d.tar` (tarshards: webdataset's ShardWriter's bytes), then the manifest."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 
 from ldot.data import schema
 from ldot.data.errors import DataError
+from ldot.data.tarshards import TarShards, encode_sample
 
 
 def command_line() -> str:
@@ -31,7 +31,13 @@ PROGRESS = "progress.json"
 
 
 class DatasetWriter:
-    """Validated samples in, shards + manifest out; verified by reading everything back on close.
+    """Validated samples in, shards + manifest out, verified on the way (``verify``).
+
+    Verification: each sample is checked against the schema before anything of it is written, then its
+    encoded members are checked to decode as the loader decodes them (tarshards.encode_sample), each
+    finished shard is checked on disk (its size, every member header read back), and on close the
+    manifest is read back. Shards kept from an interrupted run were written by another process: a resumed
+    write reads the whole dataset back (validate.check_dataset, what ``ldot data inspect`` runs).
 
     Keys are the running sample index (``%08d``) unless given. A sample that breaks the schema raises
     DataError before anything of it is written.
@@ -79,10 +85,11 @@ class DatasetWriter:
         self._shard_regions: dict[str, list[int]] = {k["name"]: [k["min_regions"], k["max_regions"]] for k in kept}
         self._keys: set[str] = set()
         self._position = None
-        # mtime fixed so the same input gives byte-identical shards.
-        self._sink = wds.ShardWriter(str(self.out_dir / schema.SHARD_PATTERN), maxcount=shard_size,
-                                     maxsize=max_shard_bytes, verbose=0, mtime=0, start_shard=len(kept),
-                                     post=self._shard_done if resumable else None)
+        self._kept = bool(kept)
+        # The same input gives byte-identical shards (mtime 0).
+        self._sink = TarShards(str(self.out_dir / schema.SHARD_PATTERN), maxcount=shard_size,
+                               maxsize=max_shard_bytes, start_shard=len(kept),
+                               post=self._shard_done if resumable else None, check=verify)
         self._closed = False
 
     def __len__(self) -> int:
@@ -101,8 +108,9 @@ class DatasetWriter:
             raise DataError("; ".join(p for _, p in problems), shard=str(self.out_dir), key=key, reason=problems[0][0])
         if thumb is not None:
             sample[schema.THUMB] = bytes(thumb)  # already JPEG
+        members = encode_sample(sample, key, check=self.verify)
         self._position = position  # where the caller resumes if this sample starts a new shard
-        self._sink.write(sample)
+        self._sink.write(members)
         name = Path(self._sink.fname).name
         self._samples[name] += 1
         self._captions[name] += len(meta["captions"])
@@ -114,7 +122,7 @@ class DatasetWriter:
         return key
 
     def _shard_done(self, fname: str) -> None:
-        """ShardWriter's post hook: a shard is complete, so it and the caller's position become durable."""
+        """TarShards' post hook: a shard is complete, so it and the caller's position become durable."""
         if self._closed:
             return  # the last shard: the manifest takes over from the progress file
         done = [{"name": n, "samples": self._samples[n], "captions": self._captions[n], "thumbs": self._shard_thumbs[n],
@@ -126,7 +134,7 @@ class DatasetWriter:
         os.replace(tmp, self.out_dir / PROGRESS)
 
     def close(self) -> schema.Manifest:
-        """Finish the last shard, write the manifest and verify every sample against it."""
+        """Finish the last shard, write the manifest and verify it (and, after a resume, every sample)."""
         if self._closed:
             return self.manifest
         self._closed = True
@@ -141,18 +149,31 @@ class DatasetWriter:
         schema.write_manifest(self.out_dir, m)
         (self.out_dir / PROGRESS).unlink(missing_ok=True)
         if self.verify:
-            from ldot.data.validate import check_dataset  # late: validate imports this module's siblings only
+            if self._kept:
+                from ldot.data.validate import check_dataset  # late: validate imports this module's siblings only
 
-            report = check_dataset(self.out_dir)
-            if not report.ok:
-                raise report.first_error()
+                report = check_dataset(self.out_dir)
+                if not report.ok:
+                    raise report.first_error()
+            else:
+                self._check_manifest(m)
         return m
+
+    def _check_manifest(self, m: schema.Manifest) -> None:
+        """The manifest reads back as written and names exactly the shard files in the directory."""
+        back = schema.read_manifest(self.out_dir)
+        if back.to_json() != json.loads(json.dumps(m.to_json())):
+            raise DataError(f"{schema.MANIFEST} does not read back as written", shard=str(self.out_dir))
+        on_disk = sorted(p.name for p in self.out_dir.glob(schema.SHARD_GLOB))
+        if on_disk != [s.name for s in m.shards]:
+            raise DataError(f"the directory holds shards {on_disk}, the manifest names {[s.name for s in m.shards]}",
+                            shard=str(self.out_dir), reason="corrupt_tar")
 
     def abort(self) -> None:
         """Close without a manifest: the directory is then visibly not a dataset."""
         if not self._closed:
             self._closed = True  # the unfinished last shard stays out of progress.json
-            self._sink.close()
+            self._sink.close(check=False)
 
     def __enter__(self) -> "DatasetWriter":
         return self
