@@ -112,3 +112,41 @@ def test_shards_equal_webdatasets_byte_for_byte(tmp_path):
         assert list(got) == list(golden) and len(golden) > 2
         for name in golden:
             assert got[name] == golden[name], name
+
+
+def test_header_template_is_tarfiles_header():
+    from ldot.data.tarshards import fast_header, member_header
+
+    for name in ["a.json", "00000001.feat.npy", "x/y.box.npy", "k" * 95 + ".json", "k" * 101, "clé.json"]:
+        for size in (0, 1, 511, 512, 513, 400_000, 8 ** 11 - 1, 8 ** 11):
+            assert fast_header(name, size) == member_header(name, size), (name, size)
+
+
+def _one_sample(w, key="a"):
+    w.write(np.zeros((2, 8), np.float16), np.array([[0, 0, 1, 1], [0, 0, 0.5, 0.5]], np.float32),
+            {"image_id": key, "captions": ["x"], "split": "s", "source": "t"}, key=key)
+
+
+def test_a_shard_that_does_not_read_back_as_written_fails_the_write(tmp_path):
+    w = DatasetWriter(tmp_path / "ds", feature_dim=8, source="t", command="c")
+    _one_sample(w)
+    _one_sample(w, "b")
+    w._sink.file.flush()
+    with open(w._sink.fname, "r+b") as f:  # another writer scribbles on the second member's header (feat.npy, after box.npy: 512 + 512)
+        f.seek(1024 + 3)
+        f.write(b"x")
+    with pytest.raises(DataError, match="member header at byte 1024 does not read back"):
+        w.close()
+
+
+def test_an_npy_header_that_does_not_parse_back_is_refused_before_writing(tmp_path, monkeypatch):
+    from ldot.data import tarshards
+
+    real = tarshards.npy_format.header_data_from_array_1_0
+    monkeypatch.setattr(tarshards, "_NPY_HEADERS", {})
+    monkeypatch.setattr(tarshards.npy_format, "header_data_from_array_1_0",
+                        lambda a: {**real(a), "shape": a.shape[::-1]})
+    w = DatasetWriter(tmp_path / "ds", feature_dim=8, source="t", command="c")
+    with pytest.raises(DataError, match="does not read back"):
+        _one_sample(w)
+    assert len(w) == 0 and w._sink.offset == 0
