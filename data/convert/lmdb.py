@@ -207,7 +207,8 @@ class ImgDb:
                             "[n, 6 or 7]", shard=self.path, key=name, reason="wrong_dim")
 
     def __contains__(self, name: str) -> bool:
-        return self.txn.get(name.encode()) is not None
+        with self.txn.cursor() as cur:  # not txn.get: that copies the value (the image's regions) out
+            return cur.set_key(name.encode())
 
     def nbb(self, name: str, value: dict) -> int:
         if self.fixed_nbb is not None:
