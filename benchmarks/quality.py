@@ -2,7 +2,9 @@
 the demo's dual encoder fine-tuned alone, with FAISS-mined hard negatives, pretrained first, and re-ranked by the
 cross-attention re-ranker; each row fine-tunes with the same budget (steps and global batch) and is measured on
 the test split, whose scenes all hold a colour x shape pair that training never shows (compositional
-generalization, not memory).
+generalization, not memory). Every row is also measured on new scenes of the training compositions (another
+seed's scenes, no held-out pair: `--seen-images`), which tells a row that fails to generalize over compositions
+from one that fails on new scenes of what it was trained on.
 
     python benchmarks/quality.py                                # every row, ~40 min on 2 CPU cores
     python benchmarks/quality.py --rows finetune hard           # some rows (a row's dependencies run too)
@@ -45,6 +47,7 @@ class Context:
     out: Path
     data: Path            # fine-tuning set: train/ and test/ (held-out colour x shape pairs)
     pretrain_data: Path   # the larger pretraining set (another seed; its train/ only)
+    seen: Path            # new scenes of the training compositions (a third seed's train/): the second test
     seed: int
     steps: int            # fine-tuning steps of every row
     pretrain_steps: int
@@ -90,29 +93,66 @@ class Context:
                 raise SystemExit(f"error: mining with {checkpoint} failed: {proc.stderr.strip()[-2000:]}")
         return out
 
-    def recall(self, checkpoint: Path, *extra: str) -> dict:
-        """`ldot eval recall` of an export on the test split; the recall.json it writes."""
-        out = checkpoint.parent.parent / "recall-test.json"
-        cmd = [str(BIN / "ldot"), "eval", "recall", "--checkpoint", str(checkpoint), "--data", str(self.data / "test"),
-               "--out", str(out), "--no-log", *extra]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"error: recall of {checkpoint} failed: {proc.stderr.strip()[-2000:]}")
-        return json.loads(out.read_text())
+    def recall(self, checkpoint: Path, *extra: str) -> tuple[dict, dict]:
+        """`ldot eval recall` of an export on the test split (held-out pairs) and on the seen-compositions
+        split; the two recall.json it writes."""
+        out = []
+        for name, data in (("test", self.data / "test"), ("seen", self.seen)):
+            path = checkpoint.parent.parent / f"recall-{name}.json"
+            cmd = [str(BIN / "ldot"), "eval", "recall", "--checkpoint", str(checkpoint), "--data", str(data),
+                   "--out", str(path), "--no-log", *extra]
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"error: recall of {checkpoint} on {data} failed: {proc.stderr.strip()[-2000:]}")
+            out.append(json.loads(path.read_text()))
+        return out[0], out[1]
 
 
 @dataclass
 class Result:
-    recall: dict              # the recall table's numbers (tr_r1, ir_r1, ..., ar), fractions
+    recall: dict              # the recall table's numbers (tr_r1, ir_r1, ..., ar), fractions: held-out pairs
+    seen: dict                # the same on new scenes of the training compositions
     stages: tuple[str, ...]   # the trainings the row took (their seconds are added up)
     note: str = ""
+
+
+def same_objects_share(data: Path, mined: Path, top: int = 5) -> float:
+    """Of each caption's first `top` mined negative images, the share whose scene holds the same colour x shape
+    objects on the same background as the caption's own image. Captions that name neither size nor position
+    (two or three of an image's five phrasings) describe such an image as well as their own: a share of what
+    mining calls hard negatives are matches, which the hard-negative and re-ranker losses push down."""
+    import tarfile
+
+    def signature(meta: dict) -> tuple:
+        scene = meta["scene"]
+        return scene["background"], tuple(sorted((o["color"], o["shape"]) for o in scene["objects"]))
+
+    scenes = {}
+    for shard in sorted(data.glob("shard-*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if member.name.endswith(".json"):
+                    meta = json.load(tar.extractfile(member))
+                    scenes[meta["image_id"]] = signature(meta)
+    same = total = 0
+    with (mined / "txt2img.jsonl").open() as f:
+        for line in f:
+            rec = json.loads(line)
+            for neg in rec["negatives"][:top]:
+                same += scenes[neg] == scenes[rec["image_id"]]
+                total += 1
+    return same / total
+
+
+def recalls(pair: tuple[dict, dict]) -> tuple[dict, dict]:
+    return pair[0]["recall"], pair[1]["recall"]
 
 
 # -- the rows --------------------------------------------------------------------------------------------------
 
 def finetune_only(ctx: Context) -> Result:
     """Today's demo recipe: CMR with in-batch negatives over the global batch."""
-    return Result(ctx.recall(ctx.train("finetune"))["recall"], ("finetune",))
+    return Result(*recalls(ctx.recall(ctx.train("finetune"))), ("finetune",))
 
 
 def hard_negatives(ctx: Context) -> Result:
@@ -120,7 +160,7 @@ def hard_negatives(ctx: Context) -> Result:
     re-mined by the current model at the start of every epoch after the first (the original's schedule)."""
     k = ctx.hard_negatives
     final = ctx.train("hard", f"hard_negatives.num_hard_negatives={k}")
-    return Result(ctx.recall(final)["recall"], ("hard",),
+    return Result(*recalls(ctx.recall(final)), ("hard",),
                   f"K={k} a direction, drawn from the top 50, re-mined every epoch after the first; a step "
                   f"encodes {1 + k}x the captions and images")
 
@@ -131,7 +171,7 @@ def pretrained_then_finetuned(ctx: Context) -> Result:
                            f"optim.max_steps={ctx.pretrain_steps}")
     final = ctx.train("pretrained-finetune", f"model.init_from={pretrained}")
     images = json.loads((ctx.pretrain_data / "train" / "manifest.json").read_text())["num_samples"]
-    return Result(ctx.recall(final)["recall"], ("pretrain", "pretrained-finetune"),
+    return Result(*recalls(ctx.recall(final)), ("pretrain", "pretrained-finetune"),
                   f"pretraining: {ctx.pretrain_steps} steps on {images} other scenes (CMR:VMLM:MRFR:MRC-kl 16:8:4:4)")
 
 
@@ -140,13 +180,15 @@ def reranked_top20(ctx: Context) -> Result:
     trained on that dual encoder's negatives mined on the training split."""
     first = ctx.train("finetune")
     mined = ctx.mine(first)
-    reranker = ctx.train("rerank", f"rerank.mined={mined}", f"rerank.init_from={first}", config=RERANK,
-                         steps=ctx.rerank_steps)
-    result = ctx.recall(first, "--rerank", str(reranker), "--rerank-top", "20")
-    return Result(result["rerank"]["recall"], ("finetune", "rerank"),
+    reranker = ctx.train("rerank", f"rerank.mined={mined}", f"rerank.init_from={first}", "rerank.layers=2",
+                         config=RERANK, steps=ctx.rerank_steps)
+    result, seen = ctx.recall(first, "--rerank", str(reranker), "--rerank-top", "20")
+    return Result(result["rerank"]["recall"], seen["rerank"]["recall"], ("finetune", "rerank"),
                   f"2-layer cross-encoder from the dual encoder's text side and region embeddings, {ctx.rerank_steps} "
                   f"steps of rerank-demo.yaml (K=2 mined + R=2 random negatives a list); re-ranking the test split's "
-                  f"top 20 took {result['rerank']['seconds']:.0f} s")
+                  f"top 20 took {result['rerank']['seconds']:.0f} s; of each training caption's top 5 mined negatives "
+                  f"{100 * same_objects_share(ctx.data / 'train', mined):.1f}% show the same colour x shape objects on "
+                  f"the same background as its own image")
 
 
 @dataclass(frozen=True)
@@ -184,16 +226,22 @@ def pct(values: list[float]) -> str:
 
 def table(results: dict[str, list[Result]], seconds: dict[str, list[float]]) -> str:
     base = results.get("finetune")
-    lines = ["| row | TR R@1 | IR R@1 | AR | AR vs fine-tuned only | train s |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| row | TR R@1 | IR R@1 | AR | AR vs fine-tuned only | AR, seen pairs | vs fine-tuned only | train s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in ROWS:
         if row.key not in results:
             continue
         rs = results[row.key]
         ar = [r.recall["ar"] for r in rs]
-        delta = ("" if base is None or row.key == "finetune" else
-                 f"{100 * (statistics.fmean(ar) - statistics.fmean(r.recall['ar'] for r in base)):+.1f}")
+        seen = [r.seen["ar"] for r in rs]
+
+        def delta(values, key):
+            if base is None or row.key == "finetune":
+                return ""
+            return f"{100 * (statistics.fmean(values) - statistics.fmean(getattr(r, key)['ar'] for r in base)):+.1f}"
         lines.append(f"| {row.label} | {pct([r.recall['tr_r1'] for r in rs])} | {pct([r.recall['ir_r1'] for r in rs])} "
-                     f"| {pct(ar)} | {delta} | {statistics.fmean(seconds[row.key]):.0f} |")
+                     f"| {pct(ar)} | {delta(ar, 'recall')} | {pct(seen)} | {delta(seen, 'seen')} "
+                     f"| {statistics.fmean(seconds[row.key]):.0f} |")
     return "\n".join(lines)
 
 
@@ -205,6 +253,7 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=1000, help="fine-tuning scenes (the demo's)")
     p.add_argument("--test-images", type=int, default=200)
     p.add_argument("--pretrain-images", type=int, default=3000, help="scenes of the pretraining set")
+    p.add_argument("--seen-images", type=int, default=200, help="new scenes of the training compositions (second test)")
     p.add_argument("--steps", type=int, default=200, help="fine-tuning steps of every row (the demo's)")
     p.add_argument("--pretrain-steps", type=int, default=300)
     p.add_argument("--hard-negatives", type=int, default=2, help="K of the hard-negative row")
@@ -215,15 +264,17 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     t0 = time.perf_counter()
-    data, pretrain_data = args.out / "data", args.out / "pretrain-data"
+    data, pretrain_data, seen = args.out / "data", args.out / "pretrain-data", args.out / "seen-data"
     synth(data, "--images", str(args.images), "--test-images", str(args.test_images))
+    # seed 2: neither the fine-tuning (0) nor the pretraining (1) scenes; its train split holds training pairs only
+    synth(seen, "--images", str(args.seen_images), "--test-images", "10", "--seed", "2")
     if "pretrained" in args.rows:  # another seed's scenes, with class distributions for MRC-kl
         synth(pretrain_data, "--images", str(args.pretrain_images), "--test-images", "10", "--seed", "1", "--with-cls")
     results: dict[str, list[Result]] = {}
     seconds: dict[str, list[float]] = {}
     reused: set[str] = set()
     for seed in args.seeds:
-        ctx = Context(args.out, data, pretrain_data, seed, args.steps, args.pretrain_steps, args.nproc,
+        ctx = Context(args.out, data, pretrain_data, seen / "train", seed, args.steps, args.pretrain_steps, args.nproc,
                       args.hard_negatives, args.rerank_steps, args.reuse)
         for row in ROWS:
             if row.key in args.rows:
@@ -237,7 +288,8 @@ def main(argv=None) -> int:
     chance = json.loads(next(iter((args.out / "runs").glob("*/recall-test.json"))).read_text())["chance"]["ar"]
     notes = [f"- {row.label}: {results[row.key][0].note}" for row in ROWS if row.key in results and results[row.key][0].note]
     notes.append(f"- each row fine-tunes {args.steps} steps of demo.yaml (global batch 32, {args.nproc} ranks) on "
-                 f"{args.images} scenes; test: {args.test_images} scenes with held-out colour x shape pairs; chance AR "
+                 f"{args.images} scenes; test: {args.test_images} scenes with held-out colour x shape pairs; seen pairs: "
+                 f"{args.seen_images} new scenes of the training pairs (seed 2); chance AR "
                  f"{100 * chance:.1f}; seeds {', '.join(map(str, args.seeds))}" + (" (mean ± half the range)"
                                                                                   if len(args.seeds) > 1 else ""))
     if reused:
