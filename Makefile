@@ -1,5 +1,6 @@
 # ldot: two commands do all set-up on a fresh machine.
-#   make demo   synthetic data -> 2-rank DeepSpeed training -> FAISS recall table in MLflow
+#   make demo   synthetic data -> 2-rank DeepSpeed training -> FAISS recall table in MLflow, then the
+#               second stage: mine hard negatives -> train a small re-ranker -> its row beside the first
 #   make test   the test suite
 PYTHON   ?= python3
 VENV     := .venv
@@ -31,7 +32,13 @@ demo: setup
 	$(BIN)/ldot data inspect $(DEMO_OUT)/data/train > $(DEMO_OUT)/inspect-train.txt; \
 	$(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m ldot.train --config train/configs/demo.yaml \
 		output_dir=$(DEMO_OUT)/run data.train=$(DEMO_OUT)/data/train; \
-	$(BIN)/ldot eval recall --checkpoint $(DEMO_OUT)/run/checkpoints/final --data $(DEMO_OUT)/data/test; \
+	$(BIN)/ldot eval mine --checkpoint $(DEMO_OUT)/run/checkpoints/final --data $(DEMO_OUT)/data/train \
+		--out $(DEMO_OUT)/mined --k 20; \
+	$(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m ldot.train --config train/configs/rerank-demo.yaml \
+		output_dir=$(DEMO_OUT)/rerank data.train=$(DEMO_OUT)/data/train rerank.mined=$(DEMO_OUT)/mined \
+		rerank.init_from=$(DEMO_OUT)/run/checkpoints/final; \
+	$(BIN)/ldot eval recall --checkpoint $(DEMO_OUT)/run/checkpoints/final --data $(DEMO_OUT)/data/test \
+		--rerank $(DEMO_OUT)/rerank/checkpoints/final --rerank-top 20; \
 	echo; echo "demo finished in $$(( $$(date +%s) - start )) s; outputs under $(DEMO_OUT)/"
 
 test: setup

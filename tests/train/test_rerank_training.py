@@ -165,6 +165,6 @@ def test_rerank_config_is_checked():
     with pytest.raises(ConfigError, match="rerank.from_top=2 is below"):
         load_config(None, base + ["rerank.mined=m", "rerank.from_top=2"])
     cfg = load_config(REPO / "train" / "configs" / "rerank-demo.yaml", ["data.train=x", "rerank.mined=m"])
-    assert cfg.task == "rerank" and cfg.rerank.layers == 2
+    assert cfg.task == "rerank" and cfg.rerank.layers == 1
     cfg = load_config(REPO / "train" / "configs" / "rerank-paper.yaml")
     assert cfg.task == "rerank" and cfg.rerank.negatives == 31 and cfg.rerank.uniter
