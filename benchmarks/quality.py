@@ -121,19 +121,19 @@ def same_objects_share(data: Path, mined: Path, top: int = 5) -> float:
     objects on the same background as the caption's own image. Captions that name neither size nor position
     (two or three of an image's five phrasings) describe such an image as well as their own: a share of what
     mining calls hard negatives are matches, which the hard-negative and re-ranker losses push down."""
-    import tarfile
+    from ldot.data import schema
+    from ldot.data.reader import ErrorPolicy, read_shard
 
     def signature(meta: dict) -> tuple:
         scene = meta["scene"]
         return scene["background"], tuple(sorted((o["color"], o["shape"]) for o in scene["objects"]))
 
     scenes = {}
-    for shard in sorted(data.glob("shard-*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                if member.name.endswith(".json"):
-                    meta = json.load(tar.extractfile(member))
-                    scenes[meta["image_id"]] = signature(meta)
+    manifest = schema.read_manifest(data)
+    for path, info in zip(schema.shard_paths(data, manifest), manifest.shards):  # json members only, as EvalSplit
+        for raw in read_shard(path, ErrorPolicy("error"), expected=info.samples, select_files=lambda f: f.endswith(".json")):
+            meta = json.loads(raw[schema.META])
+            scenes[meta["image_id"]] = signature(meta)
     same = total = 0
     with (mined / "txt2img.jsonl").open() as f:
         for line in f:
