@@ -9,6 +9,12 @@ from one that fails on new scenes of what it was trained on.
     python benchmarks/quality.py                                # every row, ~40 min on 2 CPU cores
     python benchmarks/quality.py --rows finetune hard           # some rows (a row's dependencies run too)
     python benchmarks/quality.py --seeds 0 1                    # each row once per seed (mean and spread)
+    python benchmarks/quality.py --relations                    # on the relations set (out/quality-relations)
+
+The relations set (`ldot data synth --relations`, data/synth.py) is the issue's richer data: two-object
+scenes each beside a twin with the objects' places or colours swapped, captioned by their relation only,
+so that a caption and its twin's differ only in word order: the distinctions a cross-attention re-ranker
+is built for and a [CLS] dot product is not.
 
 Every training is the real `ldot train` under torchrun (train/configs/demo.yaml plus the row's overrides) and
 every number the real `ldot eval recall` (exact FAISS search). Prints a Markdown table (R@1 both ways and AR,
@@ -55,6 +61,7 @@ class Context:
     hard_negatives: int
     rerank_steps: int
     reuse: bool
+    relations: bool = False  # the relations set (module doc)
     train_seconds: dict[str, float] = field(default_factory=dict)
     reused: set[str] = field(default_factory=set)
 
@@ -118,18 +125,27 @@ class Result:
 
 def same_objects_share(data: Path, mined: Path, top: int = 5) -> float:
     """Of each caption's first `top` mined negative images, the share whose scene holds the same colour x shape
-    objects on the same background as the caption's own image. Captions that name neither size nor position
-    (two or three of an image's five phrasings) describe such an image as well as their own: a share of what
-    mining calls hard negatives are matches, which the hard-negative and re-ranker losses push down."""
+    objects on the same background as the caption's own image (on the relations set: in the same relation).
+    Captions that name neither size nor position (two or three of an image's five phrasings; all of the
+    relations set's) describe such an image as well as their own: a share of what mining calls hard negatives
+    are matches, which the hard-negative and re-ranker losses push down."""
     from ldot.data import schema
     from ldot.data.reader import ErrorPolicy, read_shard
+    from ldot.data.synth import Obj, _relation
+
+    def synth_relation(a: dict, b: dict) -> str:
+        return _relation(Obj(**a), Obj(**b))
 
     def signature(meta: dict) -> tuple:
         scene = meta["scene"]
-        return scene["background"], tuple(sorted((o["color"], o["shape"]) for o in scene["objects"]))
+        objects = sorted(scene["objects"], key=lambda o: (o["color"], o["shape"]))
+        # the relations set's captions name the relation too: there a match shows the same one
+        relation = synth_relation(*objects) if relations else None
+        return scene["background"], tuple((o["color"], o["shape"]) for o in objects), relation
 
     scenes = {}
     manifest = schema.read_manifest(data)
+    relations = manifest.extra.get("kind") == "relations"
     for path, info in zip(schema.shard_paths(data, manifest), manifest.shards):  # json members only, as EvalSplit
         for raw in read_shard(path, ErrorPolicy("error"), expected=info.samples, select_files=lambda f: f.endswith(".json")):
             meta = json.loads(raw[schema.META])
@@ -188,7 +204,7 @@ def reranked_top20(ctx: Context) -> Result:
                   f"steps of rerank-demo.yaml (K=2 mined + R=2 random negatives a list); re-ranking the test split's "
                   f"top 20 took {result['rerank']['seconds']:.0f} s; of each training caption's top 5 mined negatives "
                   f"{100 * same_objects_share(ctx.data / 'train', mined):.1f}% show the same colour x shape objects on "
-                  f"the same background as its own image")
+                  f"the same background as its own image" + (" in the same relation" if ctx.relations else ""))
 
 
 @dataclass(frozen=True)
@@ -247,7 +263,9 @@ def table(results: dict[str, list[Result]], seconds: dict[str, list[float]]) -> 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=ROOT / "out" / "quality")
+    p.add_argument("--out", type=Path, help="data, runs and recall files (default out/quality, with --relations "
+                                            "out/quality-relations)")
+    p.add_argument("--relations", action="store_true", help="every set is the relations set (module doc)")
     p.add_argument("--rows", nargs="+", choices=[r.key for r in ROWS], default=[r.key for r in ROWS])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--images", type=int, default=1000, help="fine-tuning scenes (the demo's)")
@@ -264,18 +282,21 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     t0 = time.perf_counter()
+    args.out = args.out or ROOT / "out" / ("quality-relations" if args.relations else "quality")
+    kind = ["--relations"] if args.relations else []
     data, pretrain_data, seen = args.out / "data", args.out / "pretrain-data", args.out / "seen-data"
-    synth(data, "--images", str(args.images), "--test-images", str(args.test_images))
+    synth(data, "--images", str(args.images), "--test-images", str(args.test_images), *kind)
     # seed 2: neither the fine-tuning (0) nor the pretraining (1) scenes; its train split holds training pairs only
-    synth(seen, "--images", str(args.seen_images), "--test-images", "10", "--seed", "2")
+    synth(seen, "--images", str(args.seen_images), "--test-images", "10", "--seed", "2", *kind)
     if "pretrained" in args.rows:  # another seed's scenes, with class distributions for MRC-kl
-        synth(pretrain_data, "--images", str(args.pretrain_images), "--test-images", "10", "--seed", "1", "--with-cls")
+        synth(pretrain_data, "--images", str(args.pretrain_images), "--test-images", "10", "--seed", "1", "--with-cls",
+              *kind)
     results: dict[str, list[Result]] = {}
     seconds: dict[str, list[float]] = {}
     reused: set[str] = set()
     for seed in args.seeds:
         ctx = Context(args.out, data, pretrain_data, seen / "train", seed, args.steps, args.pretrain_steps, args.nproc,
-                      args.hard_negatives, args.rerank_steps, args.reuse)
+                      args.hard_negatives, args.rerank_steps, args.reuse, args.relations)
         for row in ROWS:
             if row.key in args.rows:
                 r = row.run(ctx)
@@ -288,7 +309,9 @@ def main(argv=None) -> int:
     chance = json.loads(next(iter((args.out / "runs").glob("*/recall-test.json"))).read_text())["chance"]["ar"]
     notes = [f"- {row.label}: {results[row.key][0].note}" for row in ROWS if row.key in results and results[row.key][0].note]
     notes.append(f"- each row fine-tunes {args.steps} steps of demo.yaml (global batch 32, {args.nproc} ranks) on "
-                 f"{args.images} scenes; test: {args.test_images} scenes with held-out colour x shape pairs; seen pairs: "
+                 f"{args.images} scenes" + (" of the relations set (two objects; every scene beside its twin with places "
+                                            "or colours swapped; captions name the relation only)" if args.relations else "")
+                 + f"; test: {args.test_images} scenes with held-out colour x shape pairs; seen pairs: "
                  f"{args.seen_images} new scenes of the training pairs (seed 2); chance AR "
                  f"{100 * chance:.1f}; seeds {', '.join(map(str, args.seeds))}" + (" (mean ± half the range)"
                                                                                   if len(args.seeds) > 1 else ""))

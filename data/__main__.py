@@ -13,7 +13,7 @@ def _synth(args: argparse.Namespace) -> int:
     from ldot.data.synth import synth
 
     t = synth(args.out, images=args.images, test_images=args.test_images, seed=args.seed, with_cls=args.with_cls,
-              shard_size=args.shard_size, overwrite=args.overwrite)
+              shard_size=args.shard_size, overwrite=args.overwrite, relations=args.relations)
     print(f"synth: {args.images} train + {args.test_images} test images → {args.out}/{{train,test}} "
           f"in {t['total']:.1f}s (train {t['train']:.1f}s, test {t['test']:.1f}s)")
     return 0
@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=250, help="samples per shard")
     p.add_argument("--with-cls", action="store_true", help="also store per-region ImageNet class distributions")
     p.add_argument("--overwrite", action="store_true", help="replace datasets already in --out")
+    p.add_argument("--relations", action="store_true",
+                   help="the relations set: two-object scenes beside twins with places or colours swapped, captions "
+                        "of the relation only (what a bag of words cannot tell apart)")
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("inspect", help="validate every sample of a dataset directory")

@@ -7,6 +7,16 @@ contain at least one colour×shape pair from HELD_OUT, which never appears in tr
 measures compositional generalization rather than memorization. Deterministic given the seed: scenes,
 captions, renders and boxes bit for bit; features up to float16 rounding, since the extractor picks its
 CPU thread count by speed (data/features.py) and convolutions round differently with 1 or 2 threads.
+
+`relations=True` writes the relations set instead (`ldot data synth --relations`), whose scenes a bag of
+words cannot tell apart: every scene holds two objects of different colours and shapes, and comes right
+after its twin, the same two objects with their places swapped (the relation reversed) or with their
+colours swapped (the binding reversed). Its captions name both objects and how they stand to each other
+("a red circle to the left of a blue square") but no place in the image and no size, so a scene and its
+twin have captions of the same words in another order, and only which colour goes with which shape, and
+which object stands where, tells the two apart: what a cross-attention re-ranker checks word by region
+and a dot product of two [CLS] vectors has to fold into one vector first. The held-out pairs rule holds
+as in the default set (every test scene, twins included, shows one).
 """
 
 from __future__ import annotations
@@ -95,6 +105,39 @@ def make_scene(rng: np.random.Generator, split: str) -> Scene:
     return Scene(background, objects)
 
 
+def _relation_objects(rng: np.random.Generator, pairs, cells) -> list[Obj]:
+    objects = []
+    for cell, (color, shape) in zip(cells, pairs):
+        row, col = divmod(int(cell), 3)
+        jitter = rng.uniform(-0.05, 0.05, size=2)
+        size = ("small", "large")[int(rng.integers(0, 2))]
+        objects.append(Obj(color, shape, size, row, col, (col + 0.5) / 3 + jitter[0], (row + 0.5) / 3 + jitter[1]))
+    return objects
+
+
+def make_relation_twins(rng: np.random.Generator, split: str) -> tuple[Scene, Scene]:
+    """A scene of two objects (different colours, different shapes) and its twin: the same objects with their
+    places swapped, or with their colours swapped; both obey the split's held-out rule."""
+    swap_places = bool(rng.integers(0, 2))
+    while True:  # rejection: a few draws at most (24 of the 30 pairs are training pairs)
+        colors = rng.choice(list(COLORS), size=2, replace=False)
+        shapes = rng.choice(SHAPES, size=2, replace=False)
+        pairs = [(str(colors[0]), str(shapes[0])), (str(colors[1]), str(shapes[1]))]
+        twin_pairs = pairs if swap_places else [(pairs[1][0], pairs[0][1]), (pairs[0][0], pairs[1][1])]
+        held = [sum(p in HELD_OUT for p in ps) for ps in (pairs, twin_pairs)]
+        if (split == "test" and min(held) > 0) or (split != "test" and max(held) == 0):
+            break
+    cells = rng.choice(9, size=2, replace=False)
+    background = list(BACKGROUNDS)[int(rng.integers(0, len(BACKGROUNDS)))]
+    scene = Scene(background, _relation_objects(rng, pairs, cells))
+    if swap_places:
+        twin = [dataclasses.replace(o, row=p.row, col=p.col, cx=p.cx, cy=p.cy)
+                for o, p in zip(scene.objects, scene.objects[::-1])]
+    else:
+        twin = [dataclasses.replace(o, color=c) for o, (c, _) in zip(scene.objects, twin_pairs)]
+    return scene, Scene(background, twin)
+
+
 def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
     image = Image.new("RGB", (size, size), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(image)
@@ -160,9 +203,27 @@ def _templates(scene: Scene, rng: np.random.Generator) -> list[str]:
     return out
 
 
-def captions(scene: Scene, rng: np.random.Generator, k: int = 5) -> list[str]:
+# which of the two an object is, by the relation: relative to the other object, never a place in the image
+_SIDE = {"to the left of": "on the left", "to the right of": "on the right", "above": "higher up", "below": "lower down"}
+
+
+def _relation_templates(scene: Scene, rng: np.random.Generator) -> list[str]:
+    """Phrasings that name both objects and their relation, never a place in the image or a size (module doc)."""
+    a, b = (scene.objects[i] for i in rng.permutation(2))
+    bg, ab, ba = scene.background, _relation(a, b), _relation(b, a)
+    return [
+        f"a {a.color} {a.shape} {ab} a {b.color} {b.shape}",
+        f"a {b.color} {b.shape} {ba} a {a.color} {a.shape} on a {bg} background",
+        f"on {bg}, the {a.color} {a.shape} is {ab} the {b.color} {b.shape}",
+        f"two shapes: a {b.color} {b.shape} {ba} a {a.color} {a.shape}",
+        f"a {a.color} {a.shape} and a {b.color} {b.shape}, the {a.shape} {_SIDE[ab]}",
+        f"the {a.shape} is {a.color}, the {b.shape} is {b.color}, and the {b.shape} is {ba} the {a.shape}",
+    ]
+
+
+def captions(scene: Scene, rng: np.random.Generator, k: int = 5, relations: bool = False) -> list[str]:
     """k distinct phrasings of one scene, picked from the grammar's templates."""
-    options = _templates(scene, rng)
+    options = (_relation_templates if relations else _templates)(scene, rng)
     picked = rng.choice(len(options), size=k, replace=False)
     return [options[i] for i in sorted(picked)]
 
@@ -170,12 +231,19 @@ def captions(scene: Scene, rng: np.random.Generator, k: int = 5) -> list[str]:
 # ------------------------------------------------------------------------------------------------ writing
 
 
+def make_scenes(rng: np.random.Generator, split: str, n: int, relations: bool = False) -> list[Scene]:
+    """n scenes of a split; of the relations set, twins side by side (an odd n ends with a twin left out)."""
+    if not relations:
+        return [make_scene(rng, split) for _ in range(n)]
+    return [s for _ in range((n + 1) // 2) for s in make_relation_twins(rng, split)][:n]
+
+
 def write_split(out_dir: Path, split: str, n: int, seed: int, extractor: EfficientNetLite0Grid, *, shard_size: int,
-                overwrite: bool, progress: bool | None) -> None:
+                overwrite: bool, progress: bool | None, relations: bool = False) -> None:
     # One generator per split, so the train set does not change when --test-images does.
     rng = np.random.default_rng([seed, {"train": 0, "test": 1}[split]])
-    scenes = [make_scene(rng, split) for _ in range(n)]
-    caps = [captions(s, rng) for s in scenes]
+    scenes = make_scenes(rng, split, n, relations)
+    caps = [captions(s, rng, relations=relations) for s in scenes]
     images = (render(s) for s in scenes)
     thumbs: list[bytes] = []
 
@@ -184,7 +252,8 @@ def write_split(out_dir: Path, split: str, n: int, seed: int, extractor: Efficie
             thumbs.append(thumbnail_jpeg(img))
             yield img
 
-    extra = {"held_out": [list(p) for p in HELD_OUT], "seed": seed, "backbone": extractor.name}
+    extra = {"held_out": [list(p) for p in HELD_OUT], "seed": seed, "backbone": extractor.name,
+             "kind": "relations" if relations else "scenes"}
     with DatasetWriter(out_dir / split, feature_dim=extractor.feature_dim,
                        class_dim=extractor.class_dim if extractor.with_cls else None, source="synth", split=split,
                        shard_size=shard_size, extra=extra, overwrite=overwrite) as writer:
@@ -196,15 +265,16 @@ def write_split(out_dir: Path, split: str, n: int, seed: int, extractor: Efficie
 
 
 def synth(out: str | Path, *, images: int = 1000, test_images: int = 200, seed: int = 0, with_cls: bool = False,
-          shard_size: int = 250, overwrite: bool = False, progress: bool | None = None) -> dict:
-    """Write ``out/train`` and ``out/test``; returns wall-time figures."""
+          shard_size: int = 250, overwrite: bool = False, progress: bool | None = None, relations: bool = False) -> dict:
+    """Write ``out/train`` and ``out/test`` (the relations set where `relations`); returns wall-time figures."""
     out = Path(out)
     t0 = time.perf_counter()
     extractor = EfficientNetLite0Grid(with_cls=with_cls)
     timings = {}
     for split, n in (("train", images), ("test", test_images)):
         t = time.perf_counter()
-        write_split(out, split, n, seed, extractor, shard_size=shard_size, overwrite=overwrite, progress=progress)
+        write_split(out, split, n, seed, extractor, shard_size=shard_size, overwrite=overwrite, progress=progress,
+                    relations=relations)
         timings[split] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     return timings

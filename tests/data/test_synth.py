@@ -90,3 +90,70 @@ def test_command_line(tmp_path):
     again = subprocess.run([sys.executable, "-m", "ldot.data", "synth", "--out", str(out), "--images", "8"], cwd=REPO,
                            capture_output=True, text=True, timeout=300)
     assert again.returncode != 0 and "already holds a dataset" in again.stderr and "Traceback" not in again.stderr
+
+
+# -- the relations set (--relations) ---------------------------------------------------------------------------
+
+def _phrasings(scene):
+    """Every caption the relations grammar can write of a scene (both orders of its two objects)."""
+    out = set()
+    for seed in range(16):  # the grammar's only draw is the order of the two objects
+        out |= set(synth._relation_templates(scene, np.random.default_rng(seed)))
+    return out
+
+
+def _twins(split, n=300):
+    rng = np.random.default_rng(5)
+    return [synth.make_relation_twins(rng, split) for _ in range(n)]
+
+
+def test_relation_twins_swap_places_or_colours_and_nothing_else():
+    kinds = set()
+    for a, b in _twins("train"):
+        assert a.background == b.background and len(a.objects) == len(b.objects) == 2
+        assert len({o.color for o in a.objects}) == 2 and len({o.shape for o in a.objects}) == 2
+        places = [(o.row, o.col) for o in a.objects]
+        if [(o.color, o.shape) for o in a.objects] == [(o.color, o.shape) for o in b.objects]:
+            assert [(o.row, o.col) for o in b.objects] == places[::-1]
+            kinds.add("places")
+        else:
+            assert [(o.row, o.col, o.shape, o.size) for o in b.objects] == [(o.row, o.col, o.shape, o.size) for o in a.objects]
+            assert [o.color for o in b.objects] == [o.color for o in a.objects][::-1]
+            kinds.add("colours")
+    assert kinds == {"places", "colours"}
+
+
+def test_relation_captions_tell_twins_apart_with_the_same_words(tokenizer):
+    for a, b in _twins("train", 100):
+        pa, pb = _phrasings(a), _phrasings(b)
+        assert len(pa) == 12 and not pa & pb  # no caption of a scene describes its twin
+        bags_b = {tuple(sorted(c.split())) for c in pb}
+        # ... and a bag of words cannot tell them apart: all but "a X and a Y, the X on the left" (whose twin with
+        # places swapped says "the Y on the left") have a twin caption of the same words
+        assert sum(tuple(sorted(c.split())) in bags_b for c in pa) >= 10
+        for cap in pa:
+            assert not {"top", "bottom", "center", "middle", "small", "large"} & set(cap.split()), cap
+            assert len(tokenizer(cap)["input_ids"]) <= 32, cap
+        caps = synth.captions(a, np.random.default_rng(0), relations=True)
+        assert len(set(caps)) == 5 and set(caps) <= pa
+
+
+def test_relation_twins_keep_the_held_out_rule():
+    held = set(synth.HELD_OUT)
+    for split in ("train", "test"):
+        for twins in _twins(split):
+            for scene in twins:
+                shown = {(o.color, o.shape) for o in scene.objects} & held
+                assert bool(shown) == (split == "test"), (split, scene)
+
+
+def test_relations_set_writes_twins_side_by_side(tmp_path):
+    synth.synth(tmp_path, images=6, test_images=3, seed=1, shard_size=4, progress=False, relations=True)
+    assert schema.read_manifest(tmp_path / "train").extra["kind"] == "relations"
+    train = [s["json"] for s in metas(tmp_path / "train")]
+    assert len(train) == 6 and len(metas(tmp_path / "test")) == 3  # an odd count leaves the last twin out
+    for first, second in zip(train[::2], train[1::2]):
+        a = synth.Scene(first["scene"]["background"], [synth.Obj(**o) for o in first["scene"]["objects"]])
+        b = synth.Scene(second["scene"]["background"], [synth.Obj(**o) for o in second["scene"]["objects"]])
+        assert set(first["captions"]) <= _phrasings(a) and set(second["captions"]) <= _phrasings(b)
+        assert not _phrasings(a) & _phrasings(b)
