@@ -86,6 +86,17 @@ class Scene:
 _TRAIN_PAIRS = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in HELD_OUT]
 
 
+def _place_objects(rng: np.random.Generator, pairs, cells) -> list[Obj]:
+    """Objects of the given colour x shape pairs in the given grid cells, jittered, of random sizes."""
+    objects = []
+    for cell, (color, shape) in zip(cells, pairs):
+        row, col = divmod(int(cell), 3)
+        jitter = rng.uniform(-0.05, 0.05, size=2)
+        size = ("small", "large")[int(rng.integers(0, 2))]
+        objects.append(Obj(color, shape, size, row, col, (col + 0.5) / 3 + jitter[0], (row + 0.5) / 3 + jitter[1]))
+    return objects
+
+
 def make_scene(rng: np.random.Generator, split: str) -> Scene:
     n = int(rng.integers(1, 4))
     cells = rng.choice(9, size=n, replace=False)
@@ -95,24 +106,9 @@ def make_scene(rng: np.random.Generator, split: str) -> Scene:
         for i in range(n):
             if rng.random() < 0.3:
                 pairs[i] = HELD_OUT[int(rng.integers(0, len(HELD_OUT)))]
-    objects = []
-    for cell, (color, shape) in zip(cells, pairs):
-        row, col = divmod(int(cell), 3)
-        jitter = rng.uniform(-0.05, 0.05, size=2)
-        size = ("small", "large")[int(rng.integers(0, 2))]
-        objects.append(Obj(color, shape, size, row, col, (col + 0.5) / 3 + jitter[0], (row + 0.5) / 3 + jitter[1]))
+    objects = _place_objects(rng, pairs, cells)
     background = list(BACKGROUNDS)[int(rng.integers(0, len(BACKGROUNDS)))]
     return Scene(background, objects)
-
-
-def _relation_objects(rng: np.random.Generator, pairs, cells) -> list[Obj]:
-    objects = []
-    for cell, (color, shape) in zip(cells, pairs):
-        row, col = divmod(int(cell), 3)
-        jitter = rng.uniform(-0.05, 0.05, size=2)
-        size = ("small", "large")[int(rng.integers(0, 2))]
-        objects.append(Obj(color, shape, size, row, col, (col + 0.5) / 3 + jitter[0], (row + 0.5) / 3 + jitter[1]))
-    return objects
 
 
 def make_relation_twins(rng: np.random.Generator, split: str) -> tuple[Scene, Scene]:
@@ -129,7 +125,7 @@ def make_relation_twins(rng: np.random.Generator, split: str) -> tuple[Scene, Sc
             break
     cells = rng.choice(9, size=2, replace=False)
     background = list(BACKGROUNDS)[int(rng.integers(0, len(BACKGROUNDS)))]
-    scene = Scene(background, _relation_objects(rng, pairs, cells))
+    scene = Scene(background, _place_objects(rng, pairs, cells))
     if swap_places:
         twin = [dataclasses.replace(o, row=p.row, col=p.col, cx=p.cx, cy=p.cy)
                 for o, p in zip(scene.objects, scene.objects[::-1])]
