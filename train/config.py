@@ -207,6 +207,11 @@ class RerankConfig:
     """A UNITER checkpoint (uniter-base.pt; or a UNITER retrieval one with rank_output): the whole
     re-ranker starts from it (embeddings, layers, pooler, ITM head), its size from the file; needs
     model.tokenizer (bert-base-cased's vocab). The paper's re-ranker is UNITER."""
+    val_mined: Optional[str] = None
+    """`ldot eval mine --data DATA.VAL` output of the same first stage: with eval.every_steps, the listwise
+    loss and top-1 share of data.val's lists (drawn as the training lists are, the same lists every time)
+    are recorded as val/list_loss and val/list_top1, and the lowest-loss re-ranker is exported to
+    checkpoints/best."""
     init_from: Optional[str] = None
     """An exported dual encoder (the first stage, e.g. the one that mined rerank.mined): the re-ranker's
     text embeddings and layers start from its text encoder, its region embeddings from its image
@@ -389,9 +394,11 @@ class TrainConfig:
             if value:
                 raise ConfigError(f"{key} does not apply to task=rerank (the re-ranker starts from model.text_encoder "
                                   "or rerank.uniter, and batches a fixed number of images)")
-        if self.eval.every_steps:
-            raise ConfigError("eval.every_steps: task=rerank has no periodic validation; measure the re-ranker with "
-                              "`ldot eval recall --rerank`")
+        if self.eval.every_steps and not self.rerank.val_mined:
+            raise ConfigError("eval.every_steps with task=rerank needs rerank.val_mined: `ldot eval mine --data "
+                              "<data.val>` with the first stage (the validation lists)")
+        if self.rerank.val_mined and not self.eval.every_steps:
+            raise ConfigError("rerank.val_mined is read only with eval.every_steps (how often to validate)")
         if m.compile:
             raise ConfigError("model.compile is not wired for the cross-encoder (task=rerank)")
 

@@ -66,7 +66,8 @@ class MinedNegatives:
     """`ldot eval mine`'s lists for one dataset, as rows: images by their row in the dataset (shard order,
     the loader's group_ids) and captions by a flat id (the image's captions in order, image by image)."""
 
-    def __init__(self, mined_dir: str | Path, split):
+    def __init__(self, mined_dir: str | Path, split, key: str = "rerank.mined", data_key: str = "data.train"):
+        """key / data_key: the config keys that name mined_dir and the split, for the error messages."""
         mined_dir = Path(mined_dir)
         self.captions: list[str] = split.captions
         self.image_ids: list[str] = split.image_ids
@@ -83,7 +84,7 @@ class MinedNegatives:
                 return np.array([row[i] for i in ids], dtype=np.int64)
             except KeyError as exn:
                 raise ConfigError(f"{path}:{line_no}: image_id {exn.args[0]!r} is not in {split.data_dir} "
-                                  "(rerank.mined must be mined on data.train)") from None
+                                  f"({key} must be mined on {data_key})") from None
 
         def caption(path: Path, line_no: int, ref) -> int:
             r = rows(path, line_no, [ref["image_id"]])[0]
@@ -94,7 +95,7 @@ class MinedNegatives:
         for name, handle in (("txt2img.jsonl", "txt"), ("img2txt.jsonl", "img")):
             path = mined_dir / name
             if not path.is_file():
-                raise ConfigError(f"rerank.mined: {path} not found (the output of `ldot eval mine` on data.train)")
+                raise ConfigError(f"{key}: {path} not found (the output of `ldot eval mine` on {data_key})")
             with path.open() as f:
                 for line_no, line in enumerate(f, start=1):
                     try:
@@ -109,7 +110,7 @@ class MinedNegatives:
         for name, lists in (("txt2img.jsonl", self.txt2img), ("img2txt.jsonl", self.img2txt)):
             missing = sum(x is None for x in lists)
             if missing:
-                raise ConfigError(f"rerank.mined: {mined_dir / name} lacks {missing} of {split.data_dir}'s "
+                raise ConfigError(f"{key}: {mined_dir / name} lacks {missing} of {split.data_dir}'s "
                                   f"{len(lists)} {'captions' if name[0] == 't' else 'images'} (mined on another split?)")
 
 
@@ -176,6 +177,33 @@ class RerankBatches(LoaderAdapter):
         out.update({name: images[name][idx] for name in ("img_feat", "img_pos", "img_mask")})
         out["lists"] = torch.tensor(lists, dtype=torch.long)
         return out
+
+
+@torch.no_grad()
+def list_metrics(model, lists: RerankBatches, rows: list[int], *, batch_images: int) -> dict[str, float]:
+    """The listwise ITM loss and the share of lists whose positive scores highest, over the lists of images
+    `rows` (each image's two, drawn as at the loader's batch 0: the same lists every time), in eval mode.
+    The periodic validation of task=rerank (train/validator.py): a loss that falls on the training lists
+    while it rises here is a re-ranker learning what does not carry to new scenes."""
+    was_training = model.training
+    model.eval()
+    param = next(model.parameters())
+    loss, top1, count = 0.0, 0, 0
+    try:
+        for s in range(0, len(rows), batch_images):
+            batch = lists.make(rows[s:s + batch_images], None, 0)
+            idx = batch.pop("lists").to(param.device)
+            inputs = {k: v.to(param.device, param.dtype) if v.is_floating_point() else v.to(param.device)
+                      for k, v in batch.items()}
+            scores = model(**inputs).float()
+            logits = scores[idx.clamp_min(0)].masked_fill(idx < 0, float("-inf"))
+            target = torch.zeros(len(idx), dtype=torch.long, device=logits.device)
+            loss += F.cross_entropy(logits, target, reduction="sum").item()
+            top1 += int((logits.argmax(1) == 0).sum())
+            count += len(idx)
+    finally:
+        model.train(was_training)
+    return {"list_loss": loss / count, "list_top1": top1 / count}
 
 
 def rerank_batches(loader, cfg_rerank, data_dir: str, tokenizer, *, seed: int, max_text_len: int) -> RerankBatches:

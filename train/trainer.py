@@ -32,7 +32,7 @@ from ldot.train.objectives import Objectives, TaskSampler
 from ldot.train.preemption import PreemptionWatch
 from ldot.train.rerank import rerank_batches
 from ldot.train.step import train_step
-from ldot.train.validator import Validator
+from ldot.train.validator import RerankValidator, Validator
 
 log = logging.getLogger("ldot.train")
 
@@ -124,10 +124,16 @@ class Trainer:
                                         start_step=self.start_step, is_main=dist.is_main)
         self.metrics.load_state_dict(trainer_state.get("metrics"))
         self.validator = None
-        if cfg.eval.every_steps:
+        if cfg.eval.every_steps and rerank:
+            self.validator = RerankValidator(cfg.eval, cfg.data.val, self.tokenizer, rerank=cfg.rerank, seed=cfg.seed,
+                                             batch_images=cfg.data.batch_size, max_text_len=cfg.data.max_text_len,
+                                             best_dir=out / "checkpoints" / "best", export_meta=self.export_meta,
+                                             max_steps=self.max_steps, is_main=dist.is_main)
+        elif cfg.eval.every_steps:
             self.validator = Validator(cfg.eval, cfg.data.val, self.tokenizer, max_text_len=cfg.data.max_text_len,
                                        best_dir=out / "checkpoints" / "best", export_meta=self.export_meta,
                                        max_steps=self.max_steps, is_main=dist.is_main)
+        if self.validator:
             self.validator.load_state_dict(trainer_state)
 
     def _check_sets(self, sets: list[tuple[str, dict]]):

@@ -1,6 +1,8 @@
 """Recall on the validation split during training; the best-AR encoders are exported to checkpoints/best.
+For task=rerank, the list loss on the validation split's mined lists instead (RerankValidator); the
+lowest-loss re-ranker is exported.
 
-Every rank runs the encoders (under ZeRO-3 each forward gathers weights from all ranks); rank 0
+Every rank runs the model (under ZeRO-3 each forward gathers weights from all ranks); rank 0
 records. The split is loaded once. Runs every `eval.every_steps` steps and at the last step.
 """
 from __future__ import annotations
@@ -50,3 +52,46 @@ class Validator:
 
     def load_state_dict(self, state: dict) -> None:
         self.best = state.get("best_val_ar") or -1.0
+
+
+class RerankValidator(Validator):
+    """task=rerank: val/list_loss and val/list_top1 over every data.val image's two lists, drawn from
+    rerank.val_mined as the training lists are from rerank.mined (train/rerank.py, list_metrics); the
+    lowest list loss is exported to checkpoints/best. The loss rather than recall: recall after
+    re-ranking needs the first stage's top M of every query, a full `ldot eval recall --rerank`."""
+
+    def __init__(self, cfg: EvalConfig, val_dir: str, tokenizer, *, rerank, seed: int, batch_images: int,
+                 max_text_len: int, best_dir: Path, export_meta: dict, max_steps: int, is_main: bool):
+        from ldot.data.loader import load_eval_split
+        from ldot.eval.image_store import ImageStore
+        from ldot.train.rerank import MinedNegatives, RerankBatches
+
+        self.cfg, self.tokenizer, self.is_main, self.batch_images = cfg, tokenizer, is_main, batch_images
+        split = load_eval_split(val_dir)
+        mined = MinedNegatives(rerank.val_mined, split, key="rerank.val_mined", data_key="data.val")
+        self.lists = RerankBatches(None, mined, ImageStore(val_dir, split.keys), tokenizer, negatives=rerank.negatives,
+                                   from_top=rerank.from_top, seed=seed, max_text_len=max_text_len, random=rerank.random)
+        self.rows = list(range(split.num_images))
+        self.best_dir, self.meta, self.max_steps, self.best = best_dir, export_meta, max_steps, float("inf")
+
+    def run(self, engine, step: int, tracker) -> dict:
+        from ldot.train.rerank import list_metrics
+
+        metrics = list_metrics(engine.module, self.lists, self.rows, batch_images=self.batch_images)
+        tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step)
+        if metrics["list_loss"] < self.best:
+            self.best = metrics["list_loss"]
+            export_from_engine(engine, self.tokenizer, self.best_dir, {**self.meta, "steps": step,
+                                                                       "val_list_loss": self.best}, self.is_main)
+            tracker.log_metrics({"val/best_list_loss": self.best}, step)
+            tracker.set_tags({"ldot.best_checkpoint": str(self.best_dir.resolve()), "ldot.best_step": str(step)})
+        log.info("step %d: val list loss %.4f, top-1 %.3f (best loss %.4f)", step, metrics["list_loss"],
+                 metrics["list_top1"], self.best)
+        return metrics
+
+    def state_dict(self) -> dict:
+        return {"best_val_list_loss": self.best}
+
+    def load_state_dict(self, state: dict) -> None:
+        best = state.get("best_val_list_loss")
+        self.best = float("inf") if best is None else best

@@ -72,10 +72,20 @@ def resume(text_encoder, train_dir, mined, out_dir, dist):
             f"output_dir={out_dir}/{name}", f"data.train={train_dir}", f"rerank.mined={mined}",
             f"model.text_encoder={text_encoder}", "rerank.layers=1", "rerank.negatives=2", "data.batch_size=2",
             "data.max_text_len=16", "optim.max_steps=6", "checkpoint.every_steps=3", "model.dropout=0.1",
-            "tracking.system_metrics_every_s=0", f"tracking.experiment=rerank-{name}"])
+            "tracking.system_metrics_every_s=0", f"tracking.experiment=rerank-{name}",
+            # validation on the training split's own lists (the lists are what is checked, not generalization)
+            f"data.val={train_dir}", f"rerank.val_mined={mined}", "eval.every_steps=2"])
         t = Trainer(cfg, resume)
         losses = {}
         record = t.metrics.record
+        validate = t.validator.run
+
+        def validating(engine, step, tracker):
+            metrics = validate(engine, step, tracker)
+            losses[f"val{step}"] = (metrics["list_loss"], metrics["list_top1"], t.validator.best)
+            return metrics
+
+        t.validator.run = validating
 
         def recording(step, task, stats, *args):
             losses[step] = (task, stats.loss.item())
@@ -102,9 +112,11 @@ def resume(text_encoder, train_dir, mined, out_dir, dist):
     torch.distributed.barrier()
     t, second = trainer("resumed", resume="auto")
     start = t.start_step
+    second["best_at_resume"] = t.validator.best  # the validation's state travels in the checkpoint
     outcome, final_resumed = t.train()
     assert outcome == "finished"
-    result = {"straight": straight, "resumed": {**first, **second}, "start": start}
+    result = {"straight": straight, "resumed": {**first, **second}, "start": start,
+              "best": (out_dir / "straight" / "checkpoints" / "best" / "ldot.json").is_file()}
     if dist.is_main:
         for name, path in (("w_straight", final), ("w_resumed", final_resumed)):
             result[name] = {k: v.clone() for k, v in load_cross_encoder(path)[1].state_dict().items()}

@@ -81,8 +81,16 @@ def test_a_rerank_run_resumes_exactly(tmp_path, tiny_text_encoder, mined):
     data, mined_dir = mined
     torchrun(2, "resume", tmp_path / "res.pt", tiny_text_encoder, data, mined_dir)
     res = torch.load(tmp_path / "res.pt")
-    assert res["start"] == 3 and sorted(res["resumed"]) == sorted(res["straight"]) == list(range(1, 7))
-    for step, (task, loss) in res["straight"].items():
+    assert res["resumed"].pop("best_at_resume") == pytest.approx(res["straight"]["val2"][2], rel=1e-6)
+    steps = [*range(1, 7), "val2", "val4", "val6"]
+    assert res["start"] == 3 and sorted(res["resumed"], key=str) == sorted(res["straight"], key=str) == sorted(steps, key=str)
+    for step in range(1, 7):
+        task, loss = res["straight"][step]
         assert task == "rerank" and res["resumed"][step] == (task, pytest.approx(loss, rel=1e-6, abs=1e-6)), step
+    # the periodic validation (val/list_loss, val/list_top1, the best loss so far) goes on as it would have
+    for step in ("val2", "val4", "val6"):
+        assert res["resumed"][step] == pytest.approx(res["straight"][step], rel=1e-6, abs=1e-6), step
+    assert res["straight"]["val6"][2] == min(v[0] for k, v in res["straight"].items() if str(k).startswith("val"))
+    assert res["best"]
     for name, w in res["w_straight"].items():
         torch.testing.assert_close(res["w_resumed"][name], w, rtol=1e-6, atol=1e-6, msg=name)

@@ -16,7 +16,7 @@ from ldot.eval.image_store import ImageStore
 from ldot.eval.recall import topk_from_embeddings
 from ldot.train.config import load_config
 from ldot.train.errors import ConfigError
-from ldot.train.rerank import MinedNegatives, RerankBatches, listwise_itm_loss
+from ldot.train.rerank import MinedNegatives, RerankBatches, list_metrics, listwise_itm_loss
 
 REPO = Path(__file__).resolve().parents[2]
 K = 3
@@ -135,6 +135,40 @@ def test_listwise_loss_is_the_softmax_cross_entropy_of_each_list():
     got.backward()  # padding carries no gradient into a finite loss
 
 
+def test_validation_list_metrics_are_each_lists_softmax_by_hand(batches, mined, tiny_text_encoder):
+    """val/list_loss and val/list_top1 (task=rerank's periodic validation): every image's two lists as the
+    loader's batch 0 draws them, each pair scored alone in float64, the loss and top-1 by hand; the same
+    however the images are batched, and in eval mode (dropout off) whatever mode the model was in."""
+    from transformers import BertModel
+
+    from ldot.model.cross_encoder import cross_encoder_from_bert
+
+    rb, _ = batches
+    split = mined[1]
+    torch.manual_seed(0)
+    model = cross_encoder_from_bert(BertModel.from_pretrained(tiny_text_encoder), rb.store.feature_dim, dropout=0.3)
+    rows = list(range(split.num_images))
+    model.train()
+    got = list_metrics(model, rb, rows, batch_images=5)
+    assert model.training
+    assert list_metrics(model, rb, rows, batch_images=12) == pytest.approx(got, rel=1e-5)
+    ref = model.double().eval()
+    losses, top1 = [], []
+    for r in rows:
+        b = rb.make([r], None, 0)
+        with torch.no_grad():
+            scores = [ref(b["input_ids"][p:p + 1], b["attention_mask"][p:p + 1], b["img_feat"][p:p + 1].double(),
+                          b["img_pos"][p:p + 1].double(), b["img_mask"][p:p + 1]).item() for p in range(len(b["input_ids"]))]
+        for row in b["lists"].tolist():
+            s = np.array([scores[p] for p in row if p >= 0])
+            losses.append(np.log(np.exp(s).sum()) - s[0])
+            top1.append(s.argmax() == 0)
+    model.float()
+    assert got["list_loss"] == pytest.approx(np.mean(losses), rel=1e-4)
+    assert got["list_top1"] == pytest.approx(np.mean(top1))
+    assert 0 < got["list_top1"] < 1  # the lists discriminate: neither all right nor all wrong
+
+
 def test_bad_mined_files_are_one_line(tmp_path, mined):
     data, split, mined_dir = mined
     for name in ("txt2img.jsonl", "img2txt.jsonl"):
@@ -164,6 +198,12 @@ def test_rerank_config_is_checked():
         load_config(None, base + ["rerank.mined=m", "rerank.uniter=u.pt"])
     with pytest.raises(ConfigError, match="rerank.from_top=2 is below"):
         load_config(None, base + ["rerank.mined=m", "rerank.from_top=2"])
+    with pytest.raises(ConfigError, match="eval.every_steps with task=rerank needs rerank.val_mined"):
+        load_config(None, base + ["rerank.mined=m", "data.val=v", "eval.every_steps=5"])
+    with pytest.raises(ConfigError, match="rerank.val_mined is read only with eval.every_steps"):
+        load_config(None, base + ["rerank.mined=m", "data.val=v", "rerank.val_mined=vm"])
+    with pytest.raises(ConfigError, match="needs data.val"):
+        load_config(None, base + ["rerank.mined=m", "rerank.val_mined=vm", "eval.every_steps=5"])
     cfg = load_config(REPO / "train" / "configs" / "rerank-demo.yaml", ["data.train=x", "rerank.mined=m"])
     assert cfg.task == "rerank" and cfg.rerank.layers == 1
     cfg = load_config(REPO / "train" / "configs" / "rerank-paper.yaml")
