@@ -131,17 +131,14 @@ def same_objects_share(data: Path, mined: Path, top: int = 5) -> float:
     are matches, which the hard-negative and re-ranker losses push down."""
     from ldot.data import schema
     from ldot.data.reader import ErrorPolicy, read_shard
-    from ldot.data.synth import Obj, _relation
-
-    def synth_relation(a: dict, b: dict) -> str:
-        return _relation(Obj(**a), Obj(**b))
+    from ldot.data.synth import Obj, relation
 
     def signature(meta: dict) -> tuple:
         scene = meta["scene"]
         objects = sorted(scene["objects"], key=lambda o: (o["color"], o["shape"]))
         # the relations set's captions name the relation too: there a match shows the same one
-        relation = synth_relation(*objects) if relations else None
-        return scene["background"], tuple((o["color"], o["shape"]) for o in objects), relation
+        how = relation(*(Obj(**o) for o in objects)) if relations else None
+        return scene["background"], tuple((o["color"], o["shape"]) for o in objects), how
 
     scenes = {}
     manifest = schema.read_manifest(data)

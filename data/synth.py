@@ -167,7 +167,8 @@ def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def _relation(a: Obj, b: Obj) -> str:
+def relation(a: Obj, b: Obj) -> str:
+    """How a stands to b, as the captions say it: by column first, else by row (the cells differ)."""
     if a.col != b.col:
         return "to the left of" if a.col < b.col else "to the right of"
     return "above" if a.row < b.row else "below"
@@ -194,7 +195,7 @@ def _templates(scene: Scene, rng: np.random.Generator) -> list[str]:
     else:
         a, b = order[0], order[1]
         rest = f" and {_join(full[2:])}" if n > 2 else ""
-        out += [f"a {a.color} {a.shape} {_relation(a, b)} a {b.color} {b.shape}{rest}, on {bg}",
+        out += [f"a {a.color} {a.shape} {relation(a, b)} a {b.color} {b.shape}{rest}, on {bg}",
                 f"{_join([f'{o.color} {o.shape} ({o.size}, {ROWS[o.row]} {COLS[o.col]})' for o in order])}"]
     return out
 
@@ -206,7 +207,7 @@ _SIDE = {"to the left of": "on the left", "to the right of": "on the right", "ab
 def _relation_templates(scene: Scene, rng: np.random.Generator) -> list[str]:
     """Phrasings that name both objects and their relation, never a place in the image or a size (module doc)."""
     a, b = (scene.objects[i] for i in rng.permutation(2))
-    bg, ab, ba = scene.background, _relation(a, b), _relation(b, a)
+    bg, ab, ba = scene.background, relation(a, b), relation(b, a)
     return [
         f"a {a.color} {a.shape} {ab} a {b.color} {b.shape}",
         f"a {b.color} {b.shape} {ba} a {a.color} {a.shape} on a {bg} background",

@@ -54,11 +54,15 @@ from ldot.data.loader import LoaderAdapter
 from ldot.train.errors import ConfigError
 
 
+def list_logits(scores: torch.Tensor, lists: torch.Tensor) -> torch.Tensor:
+    """[G, 1 + K] float logits of each list's pairs, the positive first, -inf where a list is padded (-1)."""
+    return scores.float()[lists.clamp_min(0)].masked_fill(lists < 0, float("-inf"))
+
+
 def listwise_itm_loss(scores: torch.Tensor, lists: torch.Tensor) -> torch.Tensor:
     """Mean over lists of -log softmax(list)[0]. scores [P]: one ITM logit per pair; lists [G, 1 + K]:
     pair indices, the positive first, -1 where a query had fewer than K mined negatives."""
-    valid = lists >= 0
-    logits = scores.float()[lists.clamp_min(0)].masked_fill(~valid, float("-inf"))
+    logits = list_logits(scores, lists)
     return F.cross_entropy(logits, torch.zeros(len(lists), dtype=torch.long, device=logits.device))
 
 
@@ -195,8 +199,7 @@ def list_metrics(model, lists: RerankBatches, rows: list[int], *, batch_images: 
             idx = batch.pop("lists").to(param.device)
             inputs = {k: v.to(param.device, param.dtype) if v.is_floating_point() else v.to(param.device)
                       for k, v in batch.items()}
-            scores = model(**inputs).float()
-            logits = scores[idx.clamp_min(0)].masked_fill(idx < 0, float("-inf"))
+            logits = list_logits(model(**inputs), idx)
             target = torch.zeros(len(idx), dtype=torch.long, device=logits.device)
             loss += F.cross_entropy(logits, target, reduction="sum").item()
             top1 += int((logits.argmax(1) == 0).sum())
