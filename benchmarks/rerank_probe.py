@@ -92,11 +92,13 @@ def draw(rng, pool, n: int, positive) -> list[int]:
     return out
 
 
-def make_lists(texts, images, cap, t2i, i2t, rows, rng):
-    """Every image's two lists (its caption against 1 + K + R images, the image against 1 + K + R captions)."""
+def make_lists(texts, images, cap, t2i, i2t, rows, rng, all_positives: bool = False):
+    """Every image's two lists (its caption against 1 + K + R images, the image against 1 + K + R captions).
+    all_positives: the image's list holds all its own captions first (then its K + R negatives), as its
+    top M does at test time; returns the lists padded with -1 and each list's count of positives too."""
     first = np.searchsorted(cap, np.arange(len(images)))
     count = np.bincount(cap, minlength=len(images))
-    tp, ip, lists = [], [], []
+    tp, ip, lists, npos = [], [], [], []
     for r in rows:
         c = int(first[r] + rng.integers(count[r]))
         ni = draw(rng, t2i[c], len(images), lambda x: x == r)
@@ -105,8 +107,24 @@ def make_lists(texts, images, cap, t2i, i2t, rows, rng):
         tp += [texts[c]] * (1 + len(ni)) + [texts[x] for x in nc]
         ip += [images[r]] + [images[x] for x in ni] + [images[r]] * len(nc)
         lists.append([p0 + j for j in range(1 + len(ni))])
-        lists.append([p0] + [p0 + 1 + len(ni) + j for j in range(len(nc))])
-    return tp, ip, torch.tensor(lists)
+        own = []
+        if all_positives:
+            own = [len(tp) + j for j in range(count[r] - 1)]
+            tp += [texts[x] for x in range(first[r], first[r] + count[r]) if x != c]
+            ip += [images[r]] * len(own)
+        lists.append([p0, *own] + [p0 + 1 + len(ni) + j for j in range(len(nc))])
+        npos += [1, 1 + len(own)]
+    if not all_positives:
+        return tp, ip, torch.tensor(lists)
+    width = max(map(len, lists))
+    return tp, ip, torch.tensor([x + [-1] * (width - len(x)) for x in lists]), torch.tensor(npos)
+
+
+def multi_positive_loss(scores, lists, npos) -> torch.Tensor:
+    """Mean over lists of -log(softmax mass of the list's positives), padding (-1) left out."""
+    logits = scores[lists.clamp_min(0)].masked_fill(lists < 0, float("-inf"))
+    positive = torch.arange(lists.shape[1])[None] < npos[:, None]
+    return (torch.logsumexp(logits, 1) - torch.logsumexp(logits.masked_fill(~positive, float("-inf")), 1)).mean()
 
 
 class Fusion(nn.Module):
@@ -176,6 +194,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--all-positives", action="store_true",
+                   help="an image's training list holds all its own captions as positives (make_lists)")
     args = p.parse_args(argv)
 
     torch.manual_seed(0)
@@ -214,8 +234,12 @@ def main(argv=None) -> int:
         if step == args.steps:
             break
         rows = rng.choice(len(train[1]), size=B, replace=False)
-        tp, ip, lists = make_lists(*train, t2i, i2t, rows, rng)
-        loss = F.cross_entropy(model(tp, ip)[lists], torch.zeros(len(lists), dtype=torch.long))
+        if args.all_positives:
+            tp, ip, lists, npos = make_lists(*train, t2i, i2t, rows, rng, all_positives=True)
+            loss = multi_positive_loss(model(tp, ip), lists, npos)
+        else:
+            tp, ip, lists = make_lists(*train, t2i, i2t, rows, rng)
+            loss = F.cross_entropy(model(tp, ip)[lists], torch.zeros(len(lists), dtype=torch.long))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
