@@ -40,12 +40,16 @@ class Validator:
         tracker.log_metrics({f"val/{k}": v for k, v in recall.items()}, step)
         if recall["ar"] > self.best:
             self.best = recall["ar"]
-            export_from_engine(engine, self.tokenizer, self.best_dir, {**self.meta, "steps": step,
-                                                                       "val_ar": recall["ar"]}, self.is_main)
-            tracker.log_metrics({"val/best_ar": self.best}, step)
-            tracker.set_tags({"ldot.best_checkpoint": str(self.best_dir.resolve()), "ldot.best_step": str(step)})
+            self._export_best(engine, step, tracker, "ar")
         log.info("step %d: val AR %.4f (best %.4f)", step, recall["ar"], self.best)
         return recall
+
+    def _export_best(self, engine, step: int, tracker, name: str) -> None:
+        """Export the model as checkpoints/best (self.best is its val/<name>) and record where it is."""
+        export_from_engine(engine, self.tokenizer, self.best_dir, {**self.meta, "steps": step, f"val_{name}": self.best},
+                           self.is_main)
+        tracker.log_metrics({f"val/best_{name}": self.best}, step)
+        tracker.set_tags({"ldot.best_checkpoint": str(self.best_dir.resolve()), "ldot.best_step": str(step)})
 
     def state_dict(self) -> dict:
         return {"best_val_ar": self.best}
@@ -81,10 +85,7 @@ class RerankValidator(Validator):
         tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step)
         if metrics["list_loss"] < self.best:
             self.best = metrics["list_loss"]
-            export_from_engine(engine, self.tokenizer, self.best_dir, {**self.meta, "steps": step,
-                                                                       "val_list_loss": self.best}, self.is_main)
-            tracker.log_metrics({"val/best_list_loss": self.best}, step)
-            tracker.set_tags({"ldot.best_checkpoint": str(self.best_dir.resolve()), "ldot.best_step": str(step)})
+            self._export_best(engine, step, tracker, "list_loss")
         log.info("step %d: val list loss %.4f, top-1 %.3f (best loss %.4f)", step, metrics["list_loss"],
                  metrics["list_top1"], self.best)
         return metrics
