@@ -18,8 +18,12 @@ The training lists are mined within pools of `--pool` consecutive training image
 as the top of a gallery of that size (the test galleries are 200 images); a pool of the whole training
 split is what `ldot eval mine` gives. Every 50 steps it prints the list loss on fixed lists of the
 seen-pairs split (pool 200, built the same way) beside the first stage's; at the end, recall before and
-after re-ranking each query's top 20 on the test split and the seen-pairs split. States are computed
-once (the dual encoder is frozen); everything runs in this process, one CPU thread pool.
+after re-ranking each query's top 20 on the test split and the seen-pairs split, and how much of the
+correction inside an image's top 20 depends on the caption alone (`recall`): such a part cancels in a
+caption's list, which the loss trains half the time, and reorders every image's list. `--minus-text` reads
+the correction from the pair's [CLS] less the caption's own (the same layers over the caption alone), a
+try at taking that part out by construction. States are computed once (the dual encoder is frozen);
+everything runs in this process, one CPU thread pool.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from rerank_parts import parts_report, reorder
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,10 +132,23 @@ def multi_positive_loss(scores, lists, npos) -> torch.Tensor:
     return (torch.logsumexp(logits, 1) - torch.logsumexp(logits.masked_fill(~positive, float("-inf")), 1)).mean()
 
 
+def centered(model, texts, images, pool, rng) -> torch.Tensor:
+    """model(texts, images) less each caption's correction against one random image of `pool`, drawn once
+    per caption (texts holds a caption's tuple once per pair): the caption-only part taken out of every
+    score. It is the same inside a caption's list, so only an image's list changes."""
+    first: dict[int, int] = {}
+    index = [first.setdefault(id(t), len(first)) for t in texts]
+    unique = [None] * len(first)
+    for t, j in zip(texts, index):
+        unique[j] = t
+    refs = [pool[int(x)] for x in rng.integers(0, len(pool), size=len(unique))]
+    return model(texts, images) - model.correction(unique, refs)[torch.tensor(index)]
+
+
 class Fusion(nn.Module):
     """The probed re-ranker (module doc): the first stage's scaled cosine plus a zero-initialized correction."""
 
-    def __init__(self, dual, layers: int):
+    def __init__(self, dual, layers: int, minus_text: bool = False):
         from transformers import BertConfig
         from transformers.models.bert.modeling_bert import BertLayer
 
@@ -145,8 +163,12 @@ class Fusion(nn.Module):
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
         self.scale = nn.Parameter(torch.tensor(14.2857))  # 1 / the demo recipe's CMR temperature 0.07
+        self.minus_text = minus_text
 
     def forward(self, texts, images) -> torch.Tensor:
+        return self.scale * (emb(texts) * emb(images)).sum(-1) + self.correction(texts, images)
+
+    def correction(self, texts, images) -> torch.Tensor:
         from ldot.model.dual_encoder import attention_mask_4d
 
         lt, li = max(len(t[0]) for t in texts), max(len(i[0]) for i in images)
@@ -157,30 +179,65 @@ class Fusion(nn.Module):
             m[p, :len(t[0])] = 1
             x[p, lt:lt + len(i[0])] = i[0] + self.ttype[1]
             m[p, lt:lt + len(i[0])] = 1
-        mask = attention_mask_4d(self.cfg, m, x.dtype)
-        for layer in self.layers:
-            out = layer(x, attention_mask=mask)
-            x = out[0] if isinstance(out, tuple) else out
-        return self.scale * (emb(texts) * emb(images)).sum(-1) + self.head(x[:, 0]).squeeze(-1)
+
+        def cls(x, m):
+            mask = attention_mask_4d(self.cfg, m, x.dtype)
+            for layer in self.layers:
+                out = layer(x, attention_mask=mask)
+                x = out[0] if isinstance(out, tuple) else out
+            return x[:, 0]
+
+        h = cls(x, m)
+        if self.minus_text:  # what attending to the image changed, not what the caption alone reads as
+            h = h - cls(x[:, :lt], m[:, :lt])
+        return self.head(h).squeeze(-1)
 
 
-def recall(model, texts, images, cap, rerank: bool) -> dict[str, float]:
-    """R@1/5/10 both ways and AR, percent, of the first stage's ranking, or of its top M re-ranked."""
+def corrections(model, texts, images, bs: int = 500) -> np.ndarray:
+    """The model's correction of each (texts[j], images[j]) pair, in batches of bs pairs, eval mode."""
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([model.correction(texts[s:s + bs], images[s:s + bs]) for s in range(0, len(texts), bs)]).numpy()
+
+
+def rank_metrics(ir_top, tr_top, cap) -> dict[str, float]:
+    """R@1/5/10 both ways and AR, percent, of rankings [queries, M], best first (image rows for captions,
+    caption ids for images): eval.metrics' recall of a TopK scored by rank."""
+    from ldot.eval.metrics import TopK, retrieval_recall
+
+    by_rank = -np.arange(M, dtype=np.float64)
+    top = TopK(ir_top, np.broadcast_to(by_rank, ir_top.shape), tr_top, np.broadcast_to(by_rank, tr_top.shape),
+               num_images=len(tr_top), num_captions=len(ir_top))
+    return {k: 100 * v for k, v in retrieval_recall(top, cap).items()}
+
+
+def recall(model, texts, images, cap, center: bool = False) -> tuple[dict, dict, dict]:
+    """The first stage's recall, that of its top M re-ranked by the model, and where the text-retrieval
+    re-ranking comes from: an image's list orders captions, so a part of the correction that depends on the
+    caption alone reorders it as much as a part that reads the pair. That part is estimated per candidate
+    caption as its mean correction against 2 random other images of the gallery (rerank_parts.py's
+    parts_report: its correlation with the correction, and text retrieval's R@1 with and without it).
+    center: the model was trained `centered`, so an image's list is re-ranked by the correction less that
+    part (a caption's list is not changed by it)."""
     scores = (emb(texts) @ emb(images).T).numpy()
+    scale = float(model.scale)
     ir_top, tr_top = np.argsort(-scores, axis=1)[:, :M], np.argsort(-scores.T, axis=1)[:, :M]
-    if rerank:
-        model.eval()
-        with torch.no_grad():
-            new = np.stack([model([texts[q]] * M, [images[i] for i in ir_top[q]]).numpy() for q in range(len(ir_top))])
-            ir_top = np.take_along_axis(ir_top, np.argsort(-new, axis=1, kind="stable"), 1)
-            new = np.stack([model([texts[c] for c in tr_top[q]], [images[q]] * M).numpy() for q in range(len(tr_top))])
-            tr_top = np.take_along_axis(tr_top, np.argsort(-new, axis=1, kind="stable"), 1)
-    out = {}
-    for k in (1, 5, 10):
-        out[f"ir_r{k}"] = 100 * float(np.mean([cap[q] in ir_top[q, :k] for q in range(len(ir_top))]))
-        out[f"tr_r{k}"] = 100 * float(np.mean([np.any(cap[tr_top[q, :k]] == q) for q in range(len(tr_top))]))
-    out["ar"] = float(np.mean(list(out.values())))
-    return out
+    n = len(images)
+    ir_corr = corrections(model, [texts[q] for q in range(len(texts)) for _ in range(M)],
+                          [images[i] for i in ir_top.ravel()]).reshape(ir_top.shape)
+    other = np.random.default_rng(1).integers(0, n, size=(n, M, 2))
+    tr_corr = corrections(model, [texts[c] for c in tr_top.ravel()], [images[q] for q in range(n) for _ in range(M)])
+    part = corrections(model, [texts[c] for c in tr_top.ravel() for _ in range(2)], [images[i] for i in other.ravel()])
+    tr_corr, part = tr_corr.reshape(tr_top.shape), part.reshape(n, M, 2).mean(-1)
+
+    def order(top, first, corr):
+        return reorder(top, scale * first + corr)
+
+    ir_first, tr_first = np.take_along_axis(scores, ir_top, 1), np.take_along_axis(scores.T, tr_top, 1)
+    base = rank_metrics(ir_top, tr_top, cap)
+    fused = rank_metrics(order(ir_top, ir_first, ir_corr), order(tr_top, tr_first, tr_corr - part if center else tr_corr), cap)
+    parts = parts_report(tr_top, scale * tr_first + tr_corr, part, lambda ids: cap[ids] == np.arange(n), scale * tr_first)
+    return base, fused, parts
 
 
 def main(argv=None) -> int:
@@ -196,6 +253,10 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--all-positives", action="store_true",
                    help="an image's training list holds all its own captions as positives (make_lists)")
+    p.add_argument("--minus-text", action="store_true",
+                   help="the correction reads the pair's [CLS] minus the caption's alone (Fusion.correction)")
+    p.add_argument("--center", action="store_true",
+                   help="train and re-rank with each caption's correction against a random image subtracted (centered)")
     args = p.parse_args(argv)
 
     torch.manual_seed(0)
@@ -209,16 +270,19 @@ def main(argv=None) -> int:
         return texts, images, np.asarray(split.caption_image)
 
     train, test, seen = load(args.out / "data" / "train"), load(args.out / "data" / "test"), load(args.out / "seen-data" / "train")
-    model = Fusion(dual, args.layers)
+    model = Fusion(dual, args.layers, args.minus_text)
     t2i, i2t = mine_pools(*train, args.pool, TOP)
     rng = np.random.default_rng(0)
     vt, vi, vl = make_lists(*seen, *mine_pools(*seen, 200, TOP), range(len(seen[1])), np.random.default_rng(123))
     target = torch.zeros(len(vl), dtype=torch.long)
 
+    ref_rng = np.random.default_rng(7)  # the centering's draws, apart from the lists' (the same lists either way)
+
     def val_losses() -> tuple[float, float]:
         model.eval()
         with torch.no_grad():
-            fused = F.cross_entropy(model(vt, vi)[vl], target).item()
+            val = centered(model, vt, vi, seen[1], np.random.default_rng(124)) if args.center else model(vt, vi)
+            fused = F.cross_entropy(val[vl], target).item()
             first = F.cross_entropy((model.scale * (emb(vt) * emb(vi)).sum(-1))[vl], target).item()
         model.train()
         return fused, first
@@ -239,19 +303,25 @@ def main(argv=None) -> int:
             loss = multi_positive_loss(model(tp, ip), lists, npos)
         else:
             tp, ip, lists = make_lists(*train, t2i, i2t, rows, rng)
-            loss = F.cross_entropy(model(tp, ip)[lists], torch.zeros(len(lists), dtype=torch.long))
+            scores = centered(model, tp, ip, train[1], ref_rng) if args.center else model(tp, ip)
+            loss = F.cross_entropy(scores[lists], torch.zeros(len(lists), dtype=torch.long))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         opt.step()
         losses.append(loss.item())
     lines = ["| test set | ranking | TR R@1 | IR R@1 | AR | AR vs first stage |", "| --- | --- | --- | --- | --- | --- |"]
+    notes = []
     for name, data in (("held-out pairs", test), ("seen pairs", seen)):
-        base, fused = recall(model, *data, rerank=False), recall(model, *data, rerank=True)
+        base, fused, diag = recall(model, *data, center=args.center)
         for label, r in (("first stage", base), (f"+ probe re-ranker, top {M}", fused)):
             delta = "" if r is base else f"{r['ar'] - base['ar']:+.1f}"
             lines.append(f"| {name} | {label} | {r['tr_r1']:.1f} | {r['ir_r1']:.1f} | {r['ar']:.1f} | {delta} |")
-    print("\n".join(lines))
+        notes.append(f"{name}: in an image's top {M} the correction correlates r = {diag['r']:.2f} with its "
+                     f"caption-only part; TR R@1 first stage {diag['first']:.1f}, re-ranked {diag['reranked']:.1f}, "
+                     f"first stage + that part alone {diag['by_part']:.1f}, re-ranked less that part "
+                     f"{diag['less_part']:.1f}")
+    print("\n".join(lines + notes))
     print("list loss (seen pairs) by step: " + ", ".join(f"{s}: {f:.3f}" for s, f, _, _ in trace)
           + f" (first stage {trace[0][2]:.3f}); wall time {(time.perf_counter() - t0) / 60:.1f} min")
     return 0
