@@ -206,21 +206,22 @@ def rank_metrics(ir_top, tr_top, cap) -> dict[str, float]:
     from ldot.eval.metrics import TopK, retrieval_recall
 
     by_rank = -np.arange(M, dtype=np.float64)
-    top = TopK(ir_top, np.broadcast_to(by_rank, ir_top.shape), tr_top, np.broadcast_to(by_rank, tr_top.shape),
+    top = TopK(ir_top, np.tile(by_rank, (len(ir_top), 1)), tr_top, np.tile(by_rank, (len(tr_top), 1)),
                num_images=len(tr_top), num_captions=len(ir_top))
     return {k: 100 * v for k, v in retrieval_recall(top, cap).items()}
 
 
-def recall(model, texts, images, cap, center: bool = False) -> tuple[dict, dict, dict]:
+def recall(model, texts, images, cap) -> tuple[dict, dict, dict, dict]:
     """The first stage's recall, that of its top M re-ranked by the model, and where the text-retrieval
     re-ranking comes from: an image's list orders captions, so a part of the correction that depends on the
     caption alone reorders it as much as a part that reads the pair. That part is estimated per candidate
     caption as its mean correction against 2 random other images of the gallery (rerank_parts.py's
     parts_report: its correlation with the correction, and text retrieval's R@1 with and without it).
-    center: the model was trained `centered`, so an image's list is re-ranked by the correction less that
-    part (a caption's list is not changed by it)."""
+    Returns the first stage's recall, the re-ranked recall, the same with an image's lists re-ranked by the
+    correction less that part (as a model trained `centered` was trained; a caption's lists are the same),
+    and parts_report's figures."""
     scores = (emb(texts) @ emb(images).T).numpy()
-    scale = float(model.scale)
+    scale = model.scale.item()
     ir_top, tr_top = np.argsort(-scores, axis=1)[:, :M], np.argsort(-scores.T, axis=1)[:, :M]
     n = len(images)
     ir_corr = corrections(model, [texts[q] for q in range(len(texts)) for _ in range(M)],
@@ -235,9 +236,11 @@ def recall(model, texts, images, cap, center: bool = False) -> tuple[dict, dict,
 
     ir_first, tr_first = np.take_along_axis(scores, ir_top, 1), np.take_along_axis(scores.T, tr_top, 1)
     base = rank_metrics(ir_top, tr_top, cap)
-    fused = rank_metrics(order(ir_top, ir_first, ir_corr), order(tr_top, tr_first, tr_corr - part if center else tr_corr), cap)
+    ir_fused = order(ir_top, ir_first, ir_corr)
+    fused = rank_metrics(ir_fused, order(tr_top, tr_first, tr_corr), cap)
+    less_part = rank_metrics(ir_fused, order(tr_top, tr_first, tr_corr - part), cap)
     parts = parts_report(tr_top, scale * tr_first + tr_corr, part, lambda ids: cap[ids] == np.arange(n), scale * tr_first)
-    return base, fused, parts
+    return base, fused, less_part, parts
 
 
 def main(argv=None) -> int:
@@ -256,7 +259,8 @@ def main(argv=None) -> int:
     p.add_argument("--minus-text", action="store_true",
                    help="the correction reads the pair's [CLS] minus the caption's alone (Fusion.correction)")
     p.add_argument("--center", action="store_true",
-                   help="train and re-rank with each caption's correction against a random image subtracted (centered)")
+                   help="train with each caption's correction against a random image subtracted (centered), and report the "
+                        "re-ranking less the caption-only part too")
     args = p.parse_args(argv)
 
     torch.manual_seed(0)
@@ -313,8 +317,11 @@ def main(argv=None) -> int:
     lines = ["| test set | ranking | TR R@1 | IR R@1 | AR | AR vs first stage |", "| --- | --- | --- | --- | --- | --- |"]
     notes = []
     for name, data in (("held-out pairs", test), ("seen pairs", seen)):
-        base, fused, diag = recall(model, *data, center=args.center)
-        for label, r in (("first stage", base), (f"+ probe re-ranker, top {M}", fused)):
+        base, fused, less_part, diag = recall(model, *data)
+        rankings = [("first stage", base), (f"+ probe re-ranker, top {M}", fused)]
+        if args.center:
+            rankings.append(("+ probe re-ranker less the caption-only part", less_part))
+        for label, r in rankings:
             delta = "" if r is base else f"{r['ar'] - base['ar']:+.1f}"
             lines.append(f"| {name} | {label} | {r['tr_r1']:.1f} | {r['ir_r1']:.1f} | {r['ar']:.1f} | {delta} |")
         notes.append(f"{name}: in an image's top {M} the correction correlates r = {diag['r']:.2f} with its "
