@@ -22,7 +22,8 @@ after re-ranking each query's top 20 on the test split and the seen-pairs split,
 correction inside an image's top 20 depends on the caption alone (`recall`): such a part cancels in a
 caption's list, which the loss trains half the time, and reorders every image's list. `--minus-text` reads
 the correction from the pair's [CLS] less the caption's own (the same layers over the caption alone), a
-try at taking that part out by construction. States are computed once (the dual encoder is frozen);
+try at taking that part out by construction; `--center` subtracts an estimate of it in training instead
+(`centered`). States are computed once (the dual encoder is frozen);
 everything runs in this process, one CPU thread pool.
 """
 from __future__ import annotations
@@ -212,14 +213,12 @@ def rank_metrics(ir_top, tr_top, cap) -> dict[str, float]:
 
 
 def recall(model, texts, images, cap) -> tuple[dict, dict, dict, dict]:
-    """The first stage's recall, that of its top M re-ranked by the model, and where the text-retrieval
-    re-ranking comes from: an image's list orders captions, so a part of the correction that depends on the
-    caption alone reorders it as much as a part that reads the pair. That part is estimated per candidate
-    caption as its mean correction against 2 random other images of the gallery (rerank_parts.py's
-    parts_report: its correlation with the correction, and text retrieval's R@1 with and without it).
-    Returns the first stage's recall, the re-ranked recall, the same with an image's lists re-ranked by the
-    correction less that part (as a model trained `centered` was trained; a caption's lists are the same),
-    and parts_report's figures."""
+    """The first stage's recall; the recall of its top M re-ranked by the model; the same with an image's
+    lists re-ranked by the correction less its caption-only part (as a model trained `centered` was trained;
+    a caption's lists do not change); and parts_report's figures for an image's lists. An image's list
+    orders captions, so a part of the correction that depends on the caption alone reorders it as much as a
+    part that reads the pair; that part is estimated per candidate caption as its mean correction against 2
+    random other images of the gallery."""
     scores = (emb(texts) @ emb(images).T).numpy()
     scale = model.scale.item()
     ir_top, tr_top = np.argsort(-scores, axis=1)[:, :M], np.argsort(-scores.T, axis=1)[:, :M]
@@ -304,10 +303,12 @@ def main(argv=None) -> int:
         rows = rng.choice(len(train[1]), size=B, replace=False)
         if args.all_positives:
             tp, ip, lists, npos = make_lists(*train, t2i, i2t, rows, rng, all_positives=True)
-            loss = multi_positive_loss(model(tp, ip), lists, npos)
         else:
             tp, ip, lists = make_lists(*train, t2i, i2t, rows, rng)
-            scores = centered(model, tp, ip, train[1], ref_rng) if args.center else model(tp, ip)
+        scores = centered(model, tp, ip, train[1], ref_rng) if args.center else model(tp, ip)
+        if args.all_positives:
+            loss = multi_positive_loss(scores, lists, npos)
+        else:
             loss = F.cross_entropy(scores[lists], torch.zeros(len(lists), dtype=torch.long))
         opt.zero_grad()
         loss.backward()
