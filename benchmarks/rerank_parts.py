@@ -51,11 +51,9 @@ def parts_report(top: np.ndarray, scores: np.ndarray, parts: np.ndarray, hit, ba
 
 
 def main(argv=None) -> int:
-    import torch
-    import torch.nn.functional as F
-
-    from ldot.data.loader import load_eval_split, tokenize
+    from ldot.data.loader import load_eval_split
     from ldot.eval.image_store import ImageStore
+    from ldot.eval.recall import encode_split
     from ldot.eval.rerank import load_reranker
     from ldot.model import load_dual_encoder
 
@@ -74,12 +72,8 @@ def main(argv=None) -> int:
         split = load_eval_split(directory)
         store = ImageStore(directory, split.keys)
         cap = np.asarray(split.caption_image)
-        with torch.no_grad():  # the first stage's scores, as `ldot eval recall` ranks them
-            t = tokenize(tokenizer, split.captions, 32)
-            txt = F.normalize(dual.text_states(t["input_ids"], t["attention_mask"])[:, 0], dim=-1)
-            b = store.batch(list(range(split.num_images)))
-            img = F.normalize(dual.image_states(b["img_feat"], b["img_pos"], b["img_mask"])[:, 0], dim=-1)
-        sim = (txt @ img.T).numpy()
+        txt, img = encode_split(dual, split, tokenizer, progress=False)  # the first stage, as `ldot eval recall`'s
+        sim = txt @ img.T
         ir_top, tr_top = np.argsort(-sim, axis=1)[:, :args.m], np.argsort(-sim.T, axis=1)[:, :args.m]
         reranker = load_reranker(args.reranker or args.out / "runs" / "rerank-seed0" / "checkpoints" / "final", store)
         rng = np.random.default_rng(1)
