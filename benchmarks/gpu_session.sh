@@ -97,6 +97,11 @@ stage() {
   return 0
 }
 
+# LDOT_STAGES="environment correctness train loss retrieval" (the default: all) picks stages, for a second,
+# shorter call; install always runs
+STAGES=" ${LDOT_STAGES:-environment correctness train loss retrieval} "
+want() { [[ $STAGES == *" $1 "* ]]; }
+
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
 cp benchmarks/RESULTS.md "$WORK/RESULTS.before.md"
@@ -177,7 +182,7 @@ if missing:
 EOF
 }
 export -f env_check
-stage environment 20 60 env_check
+want environment && stage environment 20 60 env_check
 
 # ------------------------------------------------------------------------------------------- correctness
 if [[ $MODE == gpu ]]; then
@@ -208,15 +213,20 @@ bg() {  # bg NAME MAX_S CMD...: like stage, in the background (at most what is l
   local l; l=$(left)
   (( l < 30 )) && { echo "skipped: $l s left" > "$WORK/$name.log"; echo "skipped 0" > "$WORK/$name.rc"; return; }
   (( max > l )) && max=$l
-  ( t0=$SECONDS; timeout --kill-after=10 "$max" "$@" > "$WORK/$name.log" 2>&1; rc=$?
+  # bash -c: CMD may be one of this script's functions (a bare `timeout fused_adam` exits 127)
+  ( t0=$SECONDS; timeout --kill-after=10 "$max" bash -c '"$@"' _ "$@" > "$WORK/$name.log" 2>&1; rc=$?
     echo "$rc $((SECONDS - t0))" > "$WORK/$name.rc" ) &
 }
 export -f fused_adam
-[[ $MODE == gpu ]] && bg fused_adam 240 fused_adam
-bg pytest_kernels 150 "$PY" -P -m pytest -q -p no:cacheprovider -x "${KERNEL_TESTS[@]}"
-bg pytest_compile 240 "$PY" -P -m pytest -q -p no:cacheprovider -rA tests/model/test_compile.py -k "$COMPILE_SELECT"
-stage loss_check 30 120 "$PY" benchmarks/loss.py "${LOSS_CHECK[@]}"
-stage attention_tests 20 90 "$PY" -P -m pytest -q -p no:cacheprovider tests/model/test_attention.py
+BG=()
+[[ $MODE == gpu ]] && want train && { bg fused_adam 240 fused_adam; BG+=(fused_adam); }
+if want correctness; then
+  bg pytest_kernels 150 "$PY" -P -m pytest -q -p no:cacheprovider -x "${KERNEL_TESTS[@]}"
+  bg pytest_compile 240 "$PY" -P -m pytest -q -p no:cacheprovider -rA tests/model/test_compile.py -k "$COMPILE_SELECT"
+  BG+=(pytest_kernels pytest_compile)
+  stage loss_check 30 120 "$PY" benchmarks/loss.py "${LOSS_CHECK[@]}"
+  stage attention_tests 20 90 "$PY" -P -m pytest -q -p no:cacheprovider tests/model/test_attention.py
+fi
 wait_bg() {
   local name rc secs status
   for name in "$@"; do
@@ -233,10 +243,11 @@ wait_bg() {
     printf '%s\t%s\t%s\n' "$name" "$status" "$secs" >> "$WORK/stages.tsv"
   done
 }
-wait_bg pytest_kernels pytest_compile $([[ $MODE == gpu ]] && echo fused_adam)
+(( ${#BG[@]} )) && wait_bg "${BG[@]}"
 
 # ------------------------------------------------------------------------------------------- benchmarks
 mkdir -p "$WORK/traces"
+PROFILE=(--profile-dir "$WORK/traces" --profile-runs)   # completed with the 128-pair runs below
 if [[ $MODE == gpu ]]; then
   TRAIN=(--size paper --precision bf16 --nproc 1 --steps 8 --warmup 2)
   RUNS128=(ddp@128 ddp+compile@128 zero1@128 zero1+compile@128 zero2@128 zero2+compile@128 zero3@128
@@ -251,11 +262,14 @@ else
   LOSS=(--device cpu --n 256 --d 32 --rep 1)
   RETRIEVAL=(--table7-only --table7-pools 1000 5000 --table7-batch 8 --table7-repeats 1)
 fi
-# one process for both batch sizes: the compiled layers' graphs carry over from run to run
-stage train 150 340 "$PY" benchmarks/train.py "${TRAIN[@]}" --runs "${RUNS128[@]}" "${RUNS1024[@]}" \
-  --profile-dir "$WORK/traces" --profile-runs "${RUNS128[@]}" --json "$WORK/train.jsonl" --data-dir "$WORK"
-stage loss 40 120 "$PY" benchmarks/loss.py "${LOSS[@]}"
-stage retrieval 25 75 "$PY" benchmarks/retrieval.py "${RETRIEVAL[@]}"
+PROFILE+=("${RUNS128[@]}")
+# LDOT_TRAIN_RUNS="RUN ..." measures only those runs (a second, shorter call), without profiles
+if [[ -n ${LDOT_TRAIN_RUNS:-} ]]; then read -ra RUNS128 <<< "$LDOT_TRAIN_RUNS"; RUNS1024=(); PROFILE=(); fi
+# each run in its own process (benchmarks/train.py: memory a run leaves behind would crowd the next)
+want train && stage train 100 340 "$PY" benchmarks/train.py "${TRAIN[@]}" --runs "${RUNS128[@]}" "${RUNS1024[@]}" \
+  "${PROFILE[@]}" --json "$WORK/train.jsonl" --data-dir "$WORK"
+want loss && stage loss 40 120 "$PY" benchmarks/loss.py "${LOSS[@]}"
+want retrieval && stage retrieval 25 75 "$PY" benchmarks/retrieval.py "${RETRIEVAL[@]}"
 
 # ------------------------------------------------------------------------------------------- what comes back
 # at most 8 files, 16 MiB each: session.log, summary.md, RESULTS.md, train.jsonl, traces.tar, logs.tar
