@@ -20,8 +20,8 @@ conventions), but each tile of ``S = scale * a @ b.T`` lives only in registers:
   on the H100 at d = 768), ALL_CHUNKS keeps up to four chunk accumulators in one 16-warp program so
   that S is computed once (lost there; kept for other parts and shapes).
 
-The backward is selectable (``BACKWARD``, from ``LDOT_LOSS_BACKWARD``; "auto" is "split" until an H100
-run of ``benchmarks/loss.py --backward split slab tile`` says which wins at d = 768):
+The backward is selectable (``BACKWARD``, from ``LDOT_LOSS_BACKWARD``; "auto" is "split" for d ≤ 256 and
+"slab" above, as ``benchmarks/loss.py --backward split slab tile`` measured on an H100, benchmarks/RESULTS.md):
 
 - "split": ``row_grad`` above, per direction (deterministic).
 - "slab": per slab of rows (at least SLAB_MIN_ROWS, at most SLAB_ELEMS entries of G: memory O(n)), one
@@ -555,7 +555,11 @@ def row_lse(a, b, scale=None, *, ga=None, gb=None, diag_offset: int = 0, with_po
 def backward_method(d: int) -> str:
     """The backward used for features of width ``d``: ``BACKWARD``, with "auto" resolved (module docstring)."""
     if BACKWARD == "auto":
-        return "split"  # the measured one; the H100 run of issue 17 compares "slab" and "tile" with it
+        # H100, bf16 (benchmarks/RESULTS.md, loss, 2026-11-26): where d is loaded whole, split's one recomputation
+        # serves both products and wins (5.9-6.6x the materialized loss at d = 256; slab 3.8-4.0x, tile 4.2-4.6x);
+        # above it split recomputes S per 256-wide chunk and slab wins (2.5-2.6x at d = 768; split 0.95-1.03x,
+        # tile 1.8-2.0x)
+        return "split" if d <= SINGLE_K_MAX else "slab"
     if BACKWARD not in BACKWARDS:
         raise KernelError(f"LDOT_LOSS_BACKWARD / contrastive_triton.BACKWARD must be one of "
                           f"{('auto',) + BACKWARDS}, got {BACKWARD!r}")

@@ -127,6 +127,7 @@ def test_triton_k_loop_and_split_d(monkeypatch, triton_module, dtype):
     """Large d takes a K loop and splits the gradient's columns over programs; force that path here."""
     monkeypatch.setattr(triton_module, "SINGLE_K_MAX", 0)
     monkeypatch.setattr(triton_module, "D_CHUNK", 16)
+    monkeypatch.setattr(triton_module, "BACKWARD", "split")  # "auto" takes "slab" past SINGLE_K_MAX
     t, i = features(33, 40, dtype=dtype, seed=3, device=DEVICE)
     scale = torch.tensor(5.0, device=DEVICE)
     g = groups(33, seed=4).to(DEVICE)
@@ -139,6 +140,7 @@ def test_triton_large_d_variants(monkeypatch, triton_module, variant):
     """Large-d variants: every column chunk (three here) in one program; the chunk's load hoisted."""
     monkeypatch.setattr(triton_module, "SINGLE_K_MAX", 0)
     monkeypatch.setattr(triton_module, "D_CHUNK", 16)
+    monkeypatch.setattr(triton_module, "BACKWARD", "split")
     tile = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32} if ON_GPU else {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
     config = triton.Config({**tile, **variant}, num_warps=8 if ON_GPU else 4, num_stages=2)
     monkeypatch.setattr(triton_module._row_grad_kernel, "configs", [config])  # one config: used untuned
@@ -289,3 +291,9 @@ def test_backward_unknown_name_is_refused(monkeypatch, triton_module):
     t, i = features(5, 8, device=DEVICE)
     with pytest.raises(KernelError, match="LDOT_LOSS_BACKWARD"):
         fast_with_grads(contrastive_loss, t, i, None, impl="triton")
+
+
+def test_auto_backward_is_the_measured_winner(monkeypatch, triton_module):
+    """"auto": split while d is loaded whole (d <= 256), slab above (the H100 figures in benchmarks/RESULTS.md)."""
+    monkeypatch.setattr(triton_module, "BACKWARD", "auto")
+    assert [triton_module.backward_method(d) for d in (40, 256, 257, 768)] == ["split", "split", "slab", "slab"]
