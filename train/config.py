@@ -215,7 +215,9 @@ class RerankConfig:
     init_from: Optional[str] = None
     """An exported dual encoder (the first stage, e.g. the one that mined rerank.mined): the re-ranker's
     text embeddings and layers start from its text encoder, its region embeddings from its image
-    encoder's (ITM head fresh). Neither set: from model.text_encoder's BERT, regions fresh."""
+    encoder's (ITM head fresh). Or an exported re-ranker (a task=rerank run's checkpoints/final): all of
+    it, ITM head and dropout included, as UNITER's ITM pretraining starts its retrieval fine-tuning.
+    Neither set: from model.text_encoder's BERT, regions fresh."""
 
     def __post_init__(self):
         if self.negatives < 1:

@@ -64,10 +64,13 @@ def _build(model_cfg: ModelConfig, loss_cfg: LossConfig, feature_dim: int, pretr
 
 
 def build_cross_encoder(model_cfg: ModelConfig, rerank_cfg: RerankConfig, feature_dim: int):
-    """A cross-encoder re-ranker for task=rerank: from rerank.uniter (all of it), from rerank.init_from's dual
-    encoder (text side and region embeddings), else model.text_encoder's BERT (regions fresh); then its
-    first rerank.layers layers. The ITM head starts fresh but from UNITER's."""
-    from ldot.model.cross_encoder import cross_encoder_from_bert, cross_encoder_from_dual_encoder
+    """A cross-encoder re-ranker for task=rerank: from rerank.uniter (all of it), from rerank.init_from (an
+    exported re-ranker: all of it, e.g. one ITM-trained on a larger set first; an exported dual encoder: its
+    text side and region embeddings), else model.text_encoder's BERT (regions fresh); then its first
+    rerank.layers layers. The ITM head starts fresh but from UNITER's or an exported re-ranker's."""
+    from ldot.model.cross_encoder import (CROSS_FORMAT, cross_encoder_from_bert, cross_encoder_from_dual_encoder,
+                                          load_cross_encoder)
+    from ldot.model.export import read_export_meta
 
     if rerank_cfg.uniter:
         from ldot.model.lightningdot import cross_encoder_from_uniter, load_tokenizer
@@ -79,6 +82,12 @@ def build_cross_encoder(model_cfg: ModelConfig, rerank_cfg: RerankConfig, featur
                               f"the data has {feature_dim}")
         if len(tokenizer) > model.config.vocab_size:
             raise ConfigError(f"model.tokenizer: {len(tokenizer)} tokens, rerank.uniter embeds {model.config.vocab_size}")
+    elif rerank_cfg.init_from and read_export_meta(rerank_cfg.init_from).get("format") == CROSS_FORMAT:
+        # its own dropout, as UNITER's starts keep UNITER's: the export's config holds it
+        tokenizer, model, meta = load_cross_encoder(rerank_cfg.init_from)
+        if meta.get("feature_dim", feature_dim) != feature_dim:
+            raise ConfigError(f"rerank.init_from={rerank_cfg.init_from} was trained on {meta['feature_dim']}-d "
+                              f"features, the data has {feature_dim}")
     elif rerank_cfg.init_from:
         tokenizer, dual, meta = load_dual_encoder(rerank_cfg.init_from)
         if meta.get("feature_dim", feature_dim) != feature_dim:

@@ -63,6 +63,13 @@ def check_paths(cfg: TrainConfig) -> None:
     # a global batch that cannot divide over the launcher's ranks (or, outside one, the accumulation steps)
     cfg.data.micro_batch(int(os.environ.get("WORLD_SIZE", "1")), cfg.optim.grad_accum)
     check_export("model.init_from", cfg.model.init_from)
+    if cfg.task == "rerank":
+        check_export("rerank.init_from", cfg.rerank.init_from)
+        for key in ("mined", "val_mined"):
+            if getattr(cfg.rerank, key) and not Path(getattr(cfg.rerank, key)).is_dir():
+                raise ConfigError(f"rerank.{key}: no `ldot eval mine` output directory at {getattr(cfg.rerank, key)}")
+        if cfg.rerank.uniter and not Path(cfg.rerank.uniter).is_file():
+            raise ConfigError(f"rerank.uniter: {cfg.rerank.uniter} not found")
     for key in ("image_init", "text_init"):
         if getattr(cfg.model, key) and not Path(getattr(cfg.model, key)).is_file():
             raise ConfigError(f"model.{key}: {getattr(cfg.model, key)} not found")

@@ -88,3 +88,18 @@ def test_missing_datasets_and_checkpoints(tmp_path):
     assert _refused(f"data.train={data}", f"model.init_from={tmp_path / 'export'}", f"output_dir={out}") == \
         f"error: model.init_from: {tmp_path / 'export'} is not an exported ldot checkpoint (no ldot.json)"
     assert not out.exists()  # refused before the output directory was made
+
+
+def test_missing_rerank_inputs(tmp_path):
+    """task=rerank's own inputs are checked before anything is imported, like the dataset's."""
+    data, out = _dataset(tmp_path / "train"), tmp_path / "run"
+    rerank = ["task=rerank", f"data.train={data}", f"output_dir={out}"]
+    assert _refused(*rerank, f"rerank.mined={tmp_path / 'miend'}") == \
+        f"error: rerank.mined: no `ldot eval mine` output directory at {tmp_path / 'miend'}"
+    (tmp_path / "mined").mkdir()
+    rerank.append(f"rerank.mined={tmp_path / 'mined'}")
+    assert _refused(*rerank, f"rerank.init_from={tmp_path / 'export'}") == \
+        f"error: rerank.init_from: {tmp_path / 'export'} is not an exported ldot checkpoint (no ldot.json)"
+    assert _refused(*rerank, f"rerank.uniter={tmp_path / 'uniter-base.pt'}", f"model.tokenizer={data}") == \
+        f"error: rerank.uniter: {tmp_path / 'uniter-base.pt'} not found"
+    assert not out.exists()

@@ -208,3 +208,29 @@ def test_rerank_config_is_checked():
     assert cfg.task == "rerank" and cfg.rerank.layers == 1
     cfg = load_config(REPO / "train" / "configs" / "rerank-paper.yaml")
     assert cfg.task == "rerank" and cfg.rerank.negatives == 31 and cfg.rerank.uniter
+
+
+def test_a_reranker_starts_from_an_exported_reranker(tmp_path, tiny_text_encoder):
+    """rerank.init_from naming a re-ranker export starts all of it, ITM head included (UNITER's way: ITM
+    pretraining, then retrieval fine-tuning); a dual encoder export starts only the text side and regions."""
+    from ldot.model import export_cross_encoder
+    from ldot.train.config import ModelConfig, RerankConfig
+    from ldot.train.model_setup import build_cross_encoder
+
+    cfg = ModelConfig(text_encoder=tiny_text_encoder, dropout=0.0)
+    torch.manual_seed(0)
+    tok, first = build_cross_encoder(cfg, RerankConfig(mined="m"), 16)
+    with torch.no_grad():
+        for p in first.parameters():  # as if trained: nothing left at a fresh initialization
+            p.add_(torch.randn_like(p))
+    export = export_cross_encoder(first.eval(), tok, tmp_path / "first", {"feature_dim": 16, "max_text_len": 32})
+    torch.manual_seed(1)
+    _, again = build_cross_encoder(cfg, RerankConfig(mined="m", init_from=str(export)), 16)
+    assert again.training
+    want, got = first.state_dict(), again.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    _, one = build_cross_encoder(cfg, RerankConfig(mined="m", init_from=str(export), layers=1), 16)
+    assert len(one.encoder.layer) == 1 < len(first.encoder.layer)
+    assert all(torch.equal(v, want[k]) for k, v in one.state_dict().items())
+    with pytest.raises(ConfigError, match="trained on 16-d features, the data has 8"):
+        build_cross_encoder(cfg, RerankConfig(mined="m", init_from=str(export)), 8)
