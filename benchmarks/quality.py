@@ -214,7 +214,7 @@ def reranked_after_itm(ctx: Context) -> Result:
     itm = ctx.train("rerank-itm", f"data.train={pre}", f"rerank.mined={ctx.mine(first, data=pre, name='mined-pretrain')}",
                     f"rerank.init_from={first}", "rerank.layers=2", config=RERANK, steps=ctx.rerank_steps)
     reranker = ctx.train("rerank-after-itm", f"rerank.mined={ctx.mine(first)}", f"rerank.init_from={itm}",
-                         config=RERANK, steps=ctx.rerank_steps)
+                         "rerank.layers=2", config=RERANK, steps=ctx.rerank_steps)
     result, seen = ctx.recall(first, "--rerank", str(reranker), "--rerank-top", "20", tag="-rerank-after-itm")
     images = json.loads((pre / "manifest.json").read_text())["num_samples"]
     return Result(result["rerank"]["recall"], seen["rerank"]["recall"], ("finetune", "rerank-itm", "rerank-after-itm"),

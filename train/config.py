@@ -202,7 +202,8 @@ class RerankConfig:
     """R more negatives per list drawn uniformly from the whole training set (lists of 1 + K + R). A
     re-ranker without a pretrained ITM head does not learn from mined negatives alone (train/rerank.py)."""
     layers: Optional[int] = None
-    """Keep the first N transformer layers of the model it starts from (None: all): the demo's small re-ranker."""
+    """Keep the first N transformer layers of the model it starts from (None: all): the demo's small re-ranker.
+    Fewer than a trained re-ranker's (rerank.init_from) is refused: its ITM head reads its last layer."""
     uniter: Optional[str] = None
     """A UNITER checkpoint (uniter-base.pt; or a UNITER retrieval one with rank_output): the whole
     re-ranker starts from it (embeddings, layers, pooler, ITM head), its size from the file; needs

@@ -16,6 +16,7 @@ from ldot.train.errors import ConfigError
 
 MANIFEST = "manifest.json"  # ldot.data.schema.MANIFEST, not imported: that module pulls in webdataset
 EXPORT_META = "ldot.json"   # ldot.model.EXPORT_META, likewise (transformers)
+CROSS_FORMAT = "ldot-cross-encoder"  # ldot.model.cross_encoder.CROSS_FORMAT, likewise
 
 
 def check_dataset(key: str, path: str | None) -> None:
@@ -55,6 +56,22 @@ def check_writable_dir(key: str, path: str | os.PathLike) -> Path:
     return p.resolve()
 
 
+def check_rerank_layers(init_from: str | None, layers: int | None) -> None:
+    """rerank.layers below the layer count of a trained re-ranker that rerank.init_from names would cut off what its
+    ITM head reads (rerank-demo.yaml's layers: 1 under a 2-layer export did, silently): refused, not obeyed."""
+    if not init_from or layers is None:
+        return
+    try:
+        meta = json.loads((Path(init_from) / EXPORT_META).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"rerank.init_from: {Path(init_from) / EXPORT_META} is not readable JSON: {exc}") from None
+    trained = meta.get("layers") if isinstance(meta, dict) and meta.get("format") == CROSS_FORMAT else None
+    if isinstance(trained, int) and layers < trained:
+        raise ConfigError(f"rerank.layers={layers}: rerank.init_from={init_from} is a trained {trained}-layer re-ranker, "
+                          f"whose ITM head reads its last layer; set rerank.layers={trained} (or null) to start from all "
+                          f"of it")
+
+
 def check_paths(cfg: TrainConfig) -> None:
     """Every input path of the job exists and is what it should be; the output directory is writable."""
     for i, (path, _) in enumerate(cfg.data.train_sets({})):
@@ -65,6 +82,7 @@ def check_paths(cfg: TrainConfig) -> None:
     check_export("model.init_from", cfg.model.init_from)
     if cfg.task == "rerank":
         check_export("rerank.init_from", cfg.rerank.init_from)
+        check_rerank_layers(cfg.rerank.init_from, cfg.rerank.layers)
         for key in ("mined", "val_mined"):
             if getattr(cfg.rerank, key) and not Path(getattr(cfg.rerank, key)).is_dir():
                 raise ConfigError(f"rerank.{key}: no `ldot eval mine` output directory at {getattr(cfg.rerank, key)}")

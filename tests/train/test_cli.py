@@ -102,4 +102,21 @@ def test_missing_rerank_inputs(tmp_path):
         f"error: rerank.init_from: {tmp_path / 'export'} is not an exported ldot checkpoint (no ldot.json)"
     assert _refused(*rerank, f"rerank.uniter={tmp_path / 'uniter-base.pt'}", f"model.tokenizer={data}") == \
         f"error: rerank.uniter: {tmp_path / 'uniter-base.pt'} not found"
+    # a 2-layer re-ranker export (its ldot.json as export_cross_encoder writes it) cut to 1 layer
+    export = tmp_path / "reranker"
+    export.mkdir()
+    (export / "ldot.json").write_text(json.dumps({"format": "ldot-cross-encoder", "version": 1, "layers": 2}))
+    assert _refused(*rerank, f"rerank.init_from={export}", "rerank.layers=1") == (
+        f"error: rerank.layers=1: rerank.init_from={export} is a trained 2-layer re-ranker, whose ITM head reads its "
+        "last layer; set rerank.layers=2 (or null) to start from all of it")
     assert not out.exists()
+
+
+def test_preflights_copies_of_format_names_agree():
+    """preflight names formats without importing their modules (they pull in torch): its copies must agree."""
+    from ldot.data.schema import MANIFEST
+    from ldot.model.cross_encoder import CROSS_FORMAT
+    from ldot.model.export import EXPORT_META
+    from ldot.train import preflight
+
+    assert (preflight.MANIFEST, preflight.EXPORT_META, preflight.CROSS_FORMAT) == (MANIFEST, EXPORT_META, CROSS_FORMAT)
