@@ -21,9 +21,11 @@ every number the real `ldot eval recall` (exact FAISS search). Prints a Markdown
 percent, mean over seeds; AR against the fine-tuned-only row; training seconds of all the row's stages) and
 appends it, with device, date, command and wall time, to benchmarks/RESULTS.md (## quality).
 
-A row is a function of a Context in ROWS; it may build on another row's checkpoint (ctx.run(name)), as the
-re-ranker row re-ranks the fine-tuned-only dual encoder's top 20. Outputs (data, runs, recall.json) stay
-under --out; --reuse keeps a run whose export exists.
+A row is a function of a Context in ROWS; it may build on another row's checkpoint (ctx.train(name), trained once
+an invocation), as the re-ranker row re-ranks the fine-tuned-only dual encoder's top 20. A re-ranker row prints
+two lines: the re-ranker's order alone, and its score mixed with the first stage's at the weight chosen on a
+validation set of new scenes (`ldot eval recall --rerank-val`), so no number in the table is tuned on a test set.
+Outputs (data, runs, recall.json) stay under --out; --reuse keeps a run whose export exists.
 """
 from __future__ import annotations
 
@@ -54,6 +56,8 @@ class Context:
     data: Path            # fine-tuning set: train/ and test/ (held-out colour x shape pairs)
     pretrain_data: Path   # the larger pretraining set (another seed; its train/ only)
     seen: Path            # new scenes of the training compositions (a third seed's train/): the second test
+    val: Path             # more new scenes of the training compositions (a fourth seed's train/): where the
+                          # re-ranker rows choose their mixing weight (Context.rerank_recall)
     seed: int
     steps: int            # fine-tuning steps of every row
     pretrain_steps: int
@@ -62,13 +66,17 @@ class Context:
     rerank_steps: int
     reuse: bool
     relations: bool = False  # the relations set (module doc)
+    itm_steps: int = 0    # the rerank-itm row's first stage on the pretraining scenes' lists (0: rerank_steps)
     train_seconds: dict[str, float] = field(default_factory=dict)
     reused: set[str] = field(default_factory=set)
+    mined: set[Path] = field(default_factory=set)  # mined by this invocation
 
     def train(self, name: str, *overrides: str, config: Path = DEMO, steps: int | None = None) -> Path:
         """`ldot train` (demo.yaml, or `config`, + the row's overrides) on nproc ranks; returns the export directory."""
         run = self.out / "runs" / f"{name}-seed{self.seed}"
         final = run / "checkpoints" / "final"
+        if name in self.train_seconds and name not in self.reused:  # trained by this invocation (another row's stage)
+            return final
         if self.reuse and (final / "ldot.json").is_file():
             self.train_seconds.setdefault(name, json.loads((run / "seconds.json").read_text())["seconds"])
             self.reused.add(name)
@@ -93,27 +101,39 @@ class Context:
         """`ldot eval mine` of an export on the training split (or `data`): the re-ranker's negatives; the output
         directory (`name` beside the export's run)."""
         out = checkpoint.parent.parent / name
-        if not (self.reuse and (out / "mine.json").is_file()):
+        if not ((self.reuse or out in self.mined) and (out / "mine.json").is_file()):
             cmd = [str(BIN / "ldot"), "eval", "mine", "--checkpoint", str(checkpoint), "--data",
                    str(data or self.data / "train"), "--out", str(out), "--k", str(k)]
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise SystemExit(f"error: mining with {checkpoint} failed: {proc.stderr.strip()[-2000:]}")
+            self.mined.add(out)
         return out
 
     def recall(self, checkpoint: Path, *extra: str, tag: str = "") -> tuple[dict, dict]:
         """`ldot eval recall` of an export on the test split (held-out pairs) and on the seen-compositions
         split; the two recall.json it writes (recall-test{tag}.json, recall-seen{tag}.json beside its run)."""
-        out = []
-        for name, data in (("test", self.data / "test"), ("seen", self.seen)):
-            path = checkpoint.parent.parent / f"recall-{name}{tag}.json"
-            cmd = [str(BIN / "ldot"), "eval", "recall", "--checkpoint", str(checkpoint), "--data", str(data),
-                   "--out", str(path), "--no-log", *extra]
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SystemExit(f"error: recall of {checkpoint} on {data} failed: {proc.stderr.strip()[-2000:]}")
-            out.append(json.loads(path.read_text()))
-        return out[0], out[1]
+        return (self._recall(checkpoint, "test", self.data / "test", tag, *extra),
+                self._recall(checkpoint, "seen", self.seen, tag, *extra))
+
+    def rerank_recall(self, first: Path, reranker: Path, tag: str) -> tuple[dict, dict]:
+        """Recall of `first` with its top 20 re-ranked by `reranker`, mixed with the first stage's score at the
+        weight `ldot eval recall --rerank-val` chooses on the validation scenes (never on a test set); the seen
+        split is re-ranked at the weight the test split's run chose. Each recall.json holds the re-ranker's order
+        alone beside the mix (rerank.recall_alone, where the weight is not 0)."""
+        rerank = ["--rerank", str(reranker), "--rerank-top", "20"]
+        test = self._recall(first, "test", self.data / "test", tag, *rerank, "--rerank-val", str(self.val))
+        weight = test["rerank"]["weight"]
+        return test, self._recall(first, "seen", self.seen, tag, *rerank, "--rerank-weight", f"{weight:g}")
+
+    def _recall(self, checkpoint: Path, name: str, data: Path, tag: str, *extra: str) -> dict:
+        path = checkpoint.parent.parent / f"recall-{name}{tag}.json"
+        cmd = [str(BIN / "ldot"), "eval", "recall", "--checkpoint", str(checkpoint), "--data", str(data),
+               "--out", str(path), "--no-log", *extra]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"error: recall of {checkpoint} on {data} failed: {proc.stderr.strip()[-2000:]}")
+        return json.loads(path.read_text())
 
 
 @dataclass
@@ -122,6 +142,15 @@ class Result:
     seen: dict                # the same on new scenes of the training compositions
     stages: tuple[str, ...]   # the trainings the row took (their seconds are added up)
     note: str = ""
+    # re-ranker rows: (held-out, seen) recall with the first stage's score mixed in, and the weight (Context.rerank_recall)
+    mixed: tuple[dict, dict, float] | None = None
+
+
+def reranked(pair: tuple[dict, dict], stages: tuple[str, ...], note: str) -> Result:
+    """A re-ranker row's Result from Context.rerank_recall's two recall.json: the re-ranker's order alone, and mixed."""
+    alone = [r["rerank"].get("recall_alone", r["rerank"]["recall"]) for r in pair]
+    return Result(alone[0], alone[1], stages, note,
+                  mixed=(pair[0]["rerank"]["recall"], pair[1]["rerank"]["recall"], pair[0]["rerank"]["weight"]))
 
 
 def same_objects_share(data: Path, mined: Path, top: int = 5) -> float:
@@ -196,11 +225,11 @@ def reranked_top20(ctx: Context) -> Result:
     mined = ctx.mine(first)
     reranker = ctx.train("rerank", f"rerank.mined={mined}", f"rerank.init_from={first}", "rerank.layers=2",
                          config=RERANK, steps=ctx.rerank_steps)
-    result, seen = ctx.recall(first, "--rerank", str(reranker), "--rerank-top", "20", tag="-rerank")
-    return Result(result["rerank"]["recall"], seen["rerank"]["recall"], ("finetune", "rerank"),
+    pair = ctx.rerank_recall(first, reranker, tag="-rerank")
+    return reranked(pair, ("finetune", "rerank"),
                   f"2-layer cross-encoder from the dual encoder's text side and region embeddings, {ctx.rerank_steps} "
                   f"steps of rerank-demo.yaml (K=2 mined + R=2 random negatives a list); re-ranking the test split's "
-                  f"top 20 took {result['rerank']['seconds']:.0f} s; of each training caption's top 5 mined negatives "
+                  f"top 20 took {pair[0]['rerank']['seconds']:.0f} s; of each training caption's top 5 mined negatives "
                   f"{100 * same_objects_share(ctx.data / 'train', mined):.1f}% show the same colour x shape objects on "
                   f"the same background as its own image" + (" in the same relation" if ctx.relations else ""))
 
@@ -212,13 +241,13 @@ def reranked_after_itm(ctx: Context) -> Result:
     first = ctx.train("finetune")
     pre = ctx.pretrain_data / "train"
     itm = ctx.train("rerank-itm", f"data.train={pre}", f"rerank.mined={ctx.mine(first, data=pre, name='mined-pretrain')}",
-                    f"rerank.init_from={first}", "rerank.layers=2", config=RERANK, steps=ctx.rerank_steps)
+                    f"rerank.init_from={first}", "rerank.layers=2", config=RERANK, steps=ctx.itm_steps or ctx.rerank_steps)
     reranker = ctx.train("rerank-after-itm", f"rerank.mined={ctx.mine(first)}", f"rerank.init_from={itm}",
                          "rerank.layers=2", config=RERANK, steps=ctx.rerank_steps)
-    result, seen = ctx.recall(first, "--rerank", str(reranker), "--rerank-top", "20", tag="-rerank-after-itm")
+    pair = ctx.rerank_recall(first, reranker, tag="-rerank-after-itm")
     images = json.loads((pre / "manifest.json").read_text())["num_samples"]
-    return Result(result["rerank"]["recall"], seen["rerank"]["recall"], ("finetune", "rerank-itm", "rerank-after-itm"),
-                  f"the re-ranker row's model and recipe, {ctx.rerank_steps} steps on lists mined from {images} other "
+    return reranked(pair, ("finetune", "rerank-itm", "rerank-after-itm"),
+                  f"the re-ranker row's model and recipe, {ctx.itm_steps or ctx.rerank_steps} steps on lists mined from {images} other "
                   f"scenes by the same first stage, then {ctx.rerank_steps} on the fine-tuning set's")
 
 
@@ -258,23 +287,32 @@ def pct(values: list[float]) -> str:
 
 
 def table(results: dict[str, list[Result]], seconds: dict[str, list[float]]) -> str:
+    """One line a row (mean over seeds); a re-ranker row adds a line for its mix with the first stage's score."""
     base = results.get("finetune")
     lines = ["| row | TR R@1 | IR R@1 | AR | AR vs fine-tuned only | AR, seen pairs | vs fine-tuned only | train s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def line(label: str, held: list[dict], seen: list[dict], secs: list[float], is_base: bool) -> str:
+        def delta(values: list[dict], key: str) -> str:
+            if base is None or is_base:
+                return ""
+            ref = statistics.fmean(getattr(r, key)["ar"] for r in base)
+            return f"{100 * (statistics.fmean(v['ar'] for v in values) - ref):+.1f}"
+        return (f"| {label} | {pct([r['tr_r1'] for r in held])} | {pct([r['ir_r1'] for r in held])} "
+                f"| {pct([r['ar'] for r in held])} | {delta(held, 'recall')} | {pct([r['ar'] for r in seen])} "
+                f"| {delta(seen, 'seen')} | {statistics.fmean(secs):.0f} |")
+
     for row in ROWS:
         if row.key not in results:
             continue
         rs = results[row.key]
-        ar = [r.recall["ar"] for r in rs]
-        seen = [r.seen["ar"] for r in rs]
-
-        def delta(values, key):
-            if base is None or row.key == "finetune":
-                return ""
-            return f"{100 * (statistics.fmean(values) - statistics.fmean(getattr(r, key)['ar'] for r in base)):+.1f}"
-        lines.append(f"| {row.label} | {pct([r.recall['tr_r1'] for r in rs])} | {pct([r.recall['ir_r1'] for r in rs])} "
-                     f"| {pct(ar)} | {delta(ar, 'recall')} | {pct(seen)} | {delta(seen, 'seen')} "
-                     f"| {statistics.fmean(seconds[row.key]):.0f} |")
+        lines.append(line(row.label, [r.recall for r in rs], [r.seen for r in rs], seconds[row.key],
+                          row.key == "finetune"))
+        if all(r.mixed for r in rs):
+            weights = ", ".join(f"{r.mixed[2]:g}" for r in rs)
+            lines.append(line(f"{row.label}, mixed with the first stage's score (weight {weights}, chosen on the "
+                              f"validation scenes)", [r.mixed[0] for r in rs], [r.mixed[1] for r in rs],
+                              seconds[row.key], False))
     return "\n".join(lines)
 
 
@@ -289,10 +327,14 @@ def main(argv=None) -> int:
     p.add_argument("--test-images", type=int, default=200)
     p.add_argument("--pretrain-images", type=int, default=3000, help="scenes of the pretraining set")
     p.add_argument("--seen-images", type=int, default=200, help="new scenes of the training compositions (second test)")
+    p.add_argument("--val-images", type=int, default=200,
+                   help="new scenes of the training compositions where re-ranker rows choose their mixing weight")
     p.add_argument("--steps", type=int, default=200, help="fine-tuning steps of every row (the demo's)")
     p.add_argument("--pretrain-steps", type=int, default=300)
     p.add_argument("--hard-negatives", type=int, default=2, help="K of the hard-negative row")
     p.add_argument("--rerank-steps", type=int, default=400, help="training steps of the re-ranker row")
+    p.add_argument("--itm-steps", type=int, default=0, help="the rerank-itm row's steps on the pretraining scenes' "
+                                                             "lists (default: --rerank-steps)")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--reuse", action="store_true", help="keep runs whose export exists under --out")
     p.add_argument("--no-record", action="store_true", help="print the table only, not into RESULTS.md")
@@ -302,9 +344,12 @@ def main(argv=None) -> int:
     args.out = args.out or ROOT / "out" / ("quality-relations" if args.relations else "quality")
     kind = ["--relations"] if args.relations else []
     data, pretrain_data, seen = args.out / "data", args.out / "pretrain-data", args.out / "seen-data"
+    val = args.out / "val-data"
     synth(data, "--images", str(args.images), "--test-images", str(args.test_images), *kind)
     # seed 2: neither the fine-tuning (0) nor the pretraining (1) scenes; its train split holds training pairs only
     synth(seen, "--images", str(args.seen_images), "--test-images", "10", "--seed", "2", *kind)
+    if {"rerank", "rerank-itm"} & set(args.rows):  # seed 3: the validation scenes, again training pairs only
+        synth(val, "--images", str(args.val_images), "--test-images", "10", "--seed", "3", *kind)
     if {"pretrained", "rerank-itm"} & set(args.rows):  # another seed's scenes, with class distributions for MRC-kl
         synth(pretrain_data, "--images", str(args.pretrain_images), "--test-images", "10", "--seed", "1", "--with-cls",
               *kind)
@@ -312,8 +357,8 @@ def main(argv=None) -> int:
     seconds: dict[str, list[float]] = {}
     reused: set[str] = set()
     for seed in args.seeds:
-        ctx = Context(args.out, data, pretrain_data, seen / "train", seed, args.steps, args.pretrain_steps, args.nproc,
-                      args.hard_negatives, args.rerank_steps, args.reuse, args.relations)
+        ctx = Context(args.out, data, pretrain_data, seen / "train", val / "train", seed, args.steps, args.pretrain_steps, args.nproc,
+                      args.hard_negatives, args.rerank_steps, args.reuse, args.relations, args.itm_steps)
         for row in ROWS:
             if row.key in args.rows:
                 r = row.run(ctx)
@@ -332,6 +377,11 @@ def main(argv=None) -> int:
                  f"{args.seen_images} new scenes of the training pairs (seed 2); chance AR "
                  f"{100 * chance:.1f}; seeds {', '.join(map(str, args.seeds))}" + (" (mean ± half the range)"
                                                                                   if len(args.seeds) > 1 else ""))
+    if {"rerank", "rerank-itm"} & set(results):
+        notes.append(f"- re-ranker rows: the re-ranker's order alone, then mixed (its score + w x the first stage's "
+                     f"cosine), w chosen by `ldot eval recall --rerank-val` from {{0, 1, 2, 3, 5, 10, 20, 30, 50, 100}} on "
+                     f"{args.val_images} more new scenes of the training pairs (seed 3), never on a test set; the seen "
+                     f"pairs are re-ranked at the w the held-out run chose")
     if reused:
         notes.append(f"- trained by an earlier invocation (--reuse; its seconds are in the table, not in the wall "
                      f"time): {', '.join(sorted(reused))}")

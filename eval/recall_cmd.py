@@ -35,6 +35,11 @@ def add_parser(sub) -> None:
     p.add_argument("--rerank-top", type=int, default=20, metavar="M", help="candidates re-ranked (paper: 20 or 50)")
     p.add_argument("--rerank-weight", type=float, default=0.0,
                    help="re-ranked score = re-ranker's score + this x first-stage score")
+    p.add_argument("--rerank-val", metavar="DIR",
+                   help="choose --rerank-weight on this dataset directory (a validation split, never the test "
+                        "queries): the weight of --rerank-weights whose re-ranked AR is highest there")
+    p.add_argument("--rerank-weights", type=float, nargs="+", metavar="W",
+                   help="the weights --rerank-val tries (default: eval/rerank.py WEIGHT_GRID, 0 to 100)")
     p.add_argument("--cpu-index", action="store_true", help="keep FAISS on the CPU even with faiss-gpu and CUDA")
     p.add_argument("--out", help="recall JSON path (default: CHECKPOINT/recall.json; .md and .png files beside it)")
     p.add_argument("--no-log", action="store_true", help="do not record in the checkpoint's MLflow run")
@@ -82,6 +87,12 @@ def run(args) -> int:
     from ldot.model import load_dual_encoder
     from ldot.tracking import RUN_FILE, Tracker
 
+    from ldot.eval.errors import EvalError
+
+    if (args.rerank_val or args.rerank_weights) and not args.rerank:
+        raise EvalError("--rerank-val and --rerank-weights choose how to mix a re-ranker's score: they need --rerank CKPT")
+    if args.rerank_weights and not args.rerank_val:
+        raise EvalError("--rerank-weights needs --rerank-val DIR, the validation split the weight is chosen on")
     rank, world, device = rank_world_device()
     ks, pool_ks = tuple(args.ks), tuple(args.pool_ks)
     gpu = gpu_available() and not args.cpu_index
@@ -94,6 +105,7 @@ def run(args) -> int:
                             device=device, progress=rank == 0, distributed=world > 1)
 
     split = load_eval_split(args.data)
+    val = load_eval_split(args.rerank_val) if args.rerank_val else None  # a bad directory fails before any work
     text_emb, image_emb = encode(split)
     t_encode = time.perf_counter() - t0
     cap_img = split.caption_image
@@ -121,13 +133,17 @@ def run(args) -> int:
                 "num_captions": len(pool_cap_img), "ks": list(pool_ks),
                 "recall": retrieval_recall(pool_top, pool_cap_img, pool_ks),
                 "chance": chance_recall(pool_cap_img, n_pool, pool_ks, query_images=np.arange(split.num_images))}
+    val_top = None
+    if val is not None:  # every rank encodes and searches its slice, as above
+        val_top = topk_from_embeddings(*encode(val), val.caption_image, max(args.rerank_top, *ks), gpu=gpu,
+                                       sharded=world > 1)
     if rank != 0:
         return 0
 
     recall = (recall_from_embeddings(text_emb, image_emb, cap_img, ks, dense=True) if args.dense
               else retrieval_recall(top, cap_img, ks))
     chance = chance_recall(cap_img, split.num_images, ks)
-    reranked = _rerank(args, split, top, ks, device) if args.rerank else None
+    reranked = _rerank(args, split, top, ks, device, val, val_top) if args.rerank else None
     seconds = time.perf_counter() - t0
 
     table = format_table(recall, chance, ks)
@@ -143,10 +159,16 @@ def run(args) -> int:
         print(full_table)
         md += f"\nFull setting ({full['num_images']} images, {full['num_captions']} captions):\n\n{full_table}\n"
 
-    if reranked:  # the first stage's row, then the re-ranked one beside it
-        row = format_table(reranked["recall"], None, ks).splitlines()[-1]
-        rr_table = "\n".join([format_table(recall, None, ks).replace("| model |", "| first stage |"),
-                              row.replace("| model |", f"| re-ranked top {args.rerank_top} |")])
+    if reranked:  # the first stage's row, then the re-ranked ones beside it
+        def row(values: dict, label: str) -> str:
+            return format_table(values, None, ks).splitlines()[-1].replace("| model |", f"| {label} |")
+
+        top_m, w = args.rerank_top, reranked["weight"]
+        rows = [format_table(recall, None, ks).replace("| model |", "| first stage |")]
+        if "recall_alone" in reranked:
+            rows.append(row(reranked["recall_alone"], f"re-ranked top {top_m}, re-ranker alone"))
+        rows.append(row(reranked["recall"], f"re-ranked top {top_m}" + (f", + {w:g} x first stage" if w else "")))
+        rr_table = "\n".join(rows)
         print(f"\nAfter re-ranking each query's top {args.rerank_top} with {args.rerank} ({reranked['kind']}, "
               f"{reranked['seconds']:.1f} s):\n")
         print(rr_table)
@@ -192,18 +214,36 @@ def run(args) -> int:
     return 0
 
 
-def _rerank(args, split, top, ks, device) -> dict:
-    """Recall after re-ranking each row's top M (both directions) with the re-ranker the export holds."""
+def _rerank(args, split, top, ks, device, val, val_top) -> dict:
+    """Recall after re-ranking each row's top M (both directions) with the re-ranker the export holds, at
+    --rerank-weight or at the weight chosen on --rerank-val's split (val, val_top: its split and first-stage
+    top k); where the weight is not 0, the re-ranker's order alone beside it."""
     from ldot.eval.image_store import ImageStore
     from ldot.eval.metrics import retrieval_recall
-    from ldot.eval.rerank import CrossEncoderReranker, load_reranker, rerank_topk
+    from ldot.eval.rerank import (WEIGHT_GRID, CrossEncoderReranker, apply_rerank, choose_first_weight,
+                                  load_reranker, rerank_scores)
 
-    t = time.perf_counter()
+    m, weight, choice = args.rerank_top, args.rerank_weight, None
+    if val is not None:
+        val_reranker = load_reranker(args.rerank, ImageStore(val.data_dir, val.keys), device=device)
+        weights = args.rerank_weights or WEIGHT_GRID
+        weight, sweep = choose_first_weight(val_top, rerank_scores(val_top, val.captions, val_reranker, m),
+                                            val.caption_image, m, weights, ks)
+        choice = {"data": str(args.rerank_val), "ar": {f"{w:g}": a for w, a in sweep.items()}}
+        print(f"mixing weight chosen on {args.rerank_val}: {weight:g} (AR there by weight: "
+              + ", ".join(f"{w:g}: {100 * a:.1f}" for w, a in sweep.items()) + ")")
+    t = time.perf_counter()  # the test queries' re-ranking alone (the paper's Table 7 cost)
     reranker = load_reranker(args.rerank, ImageStore(split.data_dir, split.keys), device=device)
-    after = rerank_topk(top, split.captions, reranker, args.rerank_top, first_weight=args.rerank_weight)
+    new = rerank_scores(top, split.captions, reranker, m)
     kind = "cross-encoder" if isinstance(reranker, CrossEncoderReranker) else "dual-encoder"
-    return {"checkpoint": str(args.rerank), "kind": kind, "top": args.rerank_top, "weight": args.rerank_weight,
-            "recall": retrieval_recall(after, split.caption_image, ks), "seconds": time.perf_counter() - t}
+    out = {"checkpoint": str(args.rerank), "kind": kind, "top": m, "weight": weight,
+           "recall": retrieval_recall(apply_rerank(top, new, m, weight), split.caption_image, ks)}
+    if weight != 0:  # what the mix adds, from the same scores
+        out["recall_alone"] = retrieval_recall(apply_rerank(top, new, m, 0.0), split.caption_image, ks)
+    if choice:
+        out["weight_chosen_on"] = choice
+    out["seconds"] = time.perf_counter() - t
+    return out
 
 
 def _figures(args, split, top, curve_k: int, out: Path, model_name: str) -> list[Path]:

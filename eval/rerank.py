@@ -6,7 +6,9 @@ regions in one transformer, one pass per pair; trained with `task: rerank`), and
 (DualEncoderReranker: another checkpoint's own <text, image> product, no cross-attention).
 `rerank_topk` re-orders the first M candidates of every row of a TopK by that score (optionally mixed
 with the first-stage score) and leaves the rest where they were, below; the result is a TopK again, so
-recall after re-ranking is computed by the same eval.metrics.retrieval_recall as before.
+recall after re-ranking is computed by the same eval.metrics.retrieval_recall as before. The mixing weight
+is a choice to make on a validation split (`choose_first_weight`, `ldot eval recall --rerank-val`): the
+re-ranker's scores are computed once (`rerank_scores`) and every weight is applied to them.
 """
 from __future__ import annotations
 
@@ -163,13 +165,15 @@ def rerank_row(ids: np.ndarray, scores: np.ndarray, new: np.ndarray, m: int, fir
     return out_ids, out_scores
 
 
-def rerank_topk(top: TopK, captions: Sequence[str], reranker: Reranker, m: int, *, first_weight: float = 0.0,
-                directions: tuple[str, ...] = ("ir", "tr")) -> TopK:
-    """Re-rank the top m of every row. ir rows: caption query -> image candidates; tr rows: image
-    query -> caption candidates (captions[c] is caption id c's text)."""
+def rerank_scores(top: TopK, captions: Sequence[str], reranker: Reranker, m: int,
+                  directions: tuple[str, ...] = ("ir", "tr")) -> dict[str, np.ndarray]:
+    """The re-ranker's score of the first m candidates of every row, [rows, m] a direction (0 where a row is
+    padded with -1). ir rows: caption query -> image candidates; tr rows: image query -> caption candidates
+    (captions[c] is caption id c's text). The costly half of re-ranking, kept apart so that several mixing
+    weights can be tried on one pass (choose_first_weight)."""
     out = {}
     for name in directions:
-        ids, scores, queries = getattr(top, f"{name}_ids"), getattr(top, f"{name}_scores"), getattr(top, f"{name}_query")
+        ids, queries = getattr(top, f"{name}_ids"), getattr(top, f"{name}_query")
         head = ids[:, :m]
         if name == "ir":
             texts = [captions[int(q)] for q in queries for _ in range(head.shape[1])]
@@ -180,8 +184,44 @@ def rerank_topk(top: TopK, captions: Sequence[str], reranker: Reranker, m: int, 
         valid = head.ravel() >= 0  # -1 pads rows shorter than the pool
         new = np.zeros(len(rows))
         new[valid] = reranker.score_pairs([t for t, v in zip(texts, valid) if v], rows[valid])
-        new = new.reshape(head.shape)
-        res = [rerank_row(ids[q], scores[q], new[q], m, first_weight) for q in range(len(ids))]
+        out[name] = new.reshape(head.shape)
+    return out
+
+
+def apply_rerank(top: TopK, new: dict[str, np.ndarray], m: int, first_weight: float = 0.0) -> TopK:
+    """`top` with the first m candidates of every row re-ordered by the re-ranker's scores `new`
+    (rerank_scores), mixed with first_weight x the first-stage score."""
+    out = {}
+    for name, scores_new in new.items():
+        ids, scores = getattr(top, f"{name}_ids"), getattr(top, f"{name}_scores")
+        res = [rerank_row(ids[q], scores[q], scores_new[q], m, first_weight) for q in range(len(ids))]
         out[f"{name}_ids"] = np.stack([r[0] for r in res]) if res else ids
         out[f"{name}_scores"] = np.stack([r[1] for r in res]) if res else scores
     return replace(top, **out)
+
+
+def rerank_topk(top: TopK, captions: Sequence[str], reranker: Reranker, m: int, *, first_weight: float = 0.0,
+                directions: tuple[str, ...] = ("ir", "tr")) -> TopK:
+    """Re-rank the top m of every row (rerank_scores, then apply_rerank)."""
+    return apply_rerank(top, rerank_scores(top, captions, reranker, m, directions), m, first_weight)
+
+
+# The grid `ldot eval recall --rerank-val` tries (--rerank-weights sets another). With normalized embeddings
+# (model.normalize, the demo's) the first-stage score is a cosine, |s| <= 1, and a re-ranker's logits span a few
+# units to tens, so the useful weights run from the re-ranker alone (0) to the first stage with its near-ties
+# broken by the re-ranker (100). On the synthetic scenes the best lay between 10 and 100 (benchmarks/RESULTS.md,
+# "quality"). Unnormalized first stages (the original's) score on a larger scale and want smaller weights.
+WEIGHT_GRID = (0.0, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 50.0, 100.0)
+
+
+def choose_first_weight(top: TopK, new: dict[str, np.ndarray], caption_image: np.ndarray, m: int,
+                        weights: Sequence[float] = WEIGHT_GRID, ks: Sequence[int] = (1, 5, 10)
+                        ) -> tuple[float, dict[float, float]]:
+    """The mixing weight whose re-ranked recall (AR, the mean of R@k both ways) is highest on a split, and
+    every weight's AR. Meant for a validation split: choosing it on the test queries would report a tuned
+    number. Ties go to the smaller weight (more of the re-ranker's own order)."""
+    from ldot.eval.metrics import retrieval_recall
+
+    ar = {float(w): retrieval_recall(apply_rerank(top, new, m, w), caption_image, tuple(ks))["ar"] for w in weights}
+    best = max(ar.values())
+    return min(w for w, a in ar.items() if a == best), ar

@@ -115,6 +115,54 @@ def test_search_returns_the_brute_force_top_k(index_dir, tiny_checkpoint, embedd
     assert "time: encode" in capsys.readouterr().out
 
 
+def test_recall_chooses_the_mixing_weight_on_a_validation_split(tmp_path, tiny_checkpoint, other_checkpoint,
+                                                               tiny_shards, embeddings, capsys):
+    """--rerank-val: the weight is the one whose re-ranked AR is best on that split, and the test split is
+    re-ranked at it, with the re-ranker's order alone beside it (both from one pass of re-ranker scores)."""
+    from ldot.eval.image_store import ImageStore
+    from ldot.eval.metrics import retrieval_recall
+    from ldot.eval.recall import topk_from_embeddings
+    from ldot.eval.rerank import DualEncoderReranker, rerank_topk
+
+    out, weights = tmp_path / "recall.json", (0.5, 2.0, 8.0, 1000.0)
+    assert main(["recall", "--checkpoint", str(tiny_checkpoint), "--data", str(tiny_shards / "test"), "--out",
+                 str(out), "--no-log", "--batch-size", "64", "--figure-queries", "0", "--rerank",
+                 str(other_checkpoint), "--rerank-top", "8", "--rerank-val", str(tiny_shards / "train"),
+                 "--rerank-weights", *map(str, weights)]) == 0
+    rec = json.loads(out.read_text())["rerank"]
+    _, _, enc = embeddings
+
+    def reranked(name, w):
+        split, txt, img = enc[name]
+        reranker = DualEncoderReranker.from_checkpoint(other_checkpoint, ImageStore(split.data_dir, split.keys))
+        top = topk_from_embeddings(txt, img, split.caption_image, 20)
+        return retrieval_recall(rerank_topk(top, split.captions, reranker, 8, first_weight=w), split.caption_image)
+
+    ar = {w: reranked("train", w)["ar"] for w in weights}
+    assert len(set(ar.values())) > 1  # the weight matters on this split, so choosing it means something
+    assert rec["weight"] == max(weights, key=lambda w: (ar[w], -w))
+    assert rec["weight_chosen_on"] == {"data": str(tiny_shards / "train"),
+                                       "ar": pytest.approx({f"{w:g}": a for w, a in ar.items()})}
+    assert rec["recall"] == pytest.approx(reranked("test", rec["weight"]), abs=1e-9)
+    assert rec["recall_alone"] == pytest.approx(reranked("test", 0.0), abs=1e-9)
+    printed = capsys.readouterr().out
+    assert f"mixing weight chosen on {tiny_shards / 'train'}: {rec['weight']:g}" in printed
+    assert "re-ranker alone |" in printed and f"+ {rec['weight']:g} x first stage |" in printed
+
+
+def test_recall_refuses_a_mixing_choice_it_cannot_make(tmp_path, tiny_checkpoint, other_checkpoint, tiny_shards,
+                                                      capsys):
+    base = ["recall", "--checkpoint", str(tiny_checkpoint), "--data", str(tiny_shards / "test"), "--no-log",
+            "--out", str(tmp_path / "r.json")]
+    assert main(base + ["--rerank-val", str(tiny_shards / "train")]) == 2
+    assert "need --rerank CKPT" in capsys.readouterr().err
+    assert main(base + ["--rerank", str(other_checkpoint), "--rerank-weights", "1", "2"]) == 2
+    assert "--rerank-weights needs --rerank-val" in capsys.readouterr().err
+    assert main(base + ["--rerank", str(other_checkpoint), "--rerank-val", str(tmp_path / "nowhere")]) == 2
+    assert f"{tmp_path / 'nowhere'}: no manifest.json" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_search_with_reranker_orders_the_top_m_by_the_second_model(index_dir, tiny_checkpoint, other_checkpoint,
                                                                    embeddings, test_split_dir, capsys):
     from ldot.data.loader import load_eval_split

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from ldot.eval.metrics import retrieval_recall
-from ldot.eval.rerank import DualEncoderReranker, Reranker, rerank_row, rerank_topk
+from ldot.eval.rerank import (DualEncoderReranker, Reranker, choose_first_weight, rerank_row, rerank_scores,
+                              rerank_topk)
 from ldot.eval.recall import encode_split, topk_from_embeddings
 
 
@@ -61,6 +62,46 @@ def _by_hand(first: np.ndarray, second: np.ndarray, gt_sets: list[set], m: int, 
     for k in ks:
         out[k] = float(np.mean(np.array(ranks) < k))
     return out
+
+
+class SecondView(Reranker):
+    """Scores a pair by another noisy view of the captions: informative, but not better than the first stage
+    on its own, so a mix of the two scores beats either (the case a mixing weight is chosen for)."""
+
+    def __init__(self, captions, txt, img):
+        self.row = {c: i for i, c in enumerate(captions)}
+        self.txt, self.img = txt, img
+
+    def score_pairs(self, texts, rows):
+        return np.array([self.txt[self.row[t]] @ self.img[int(r)] for t, r in zip(texts, rows)])
+
+
+def test_mixing_weight_is_the_best_by_recall_computed_by_hand():
+    rng = np.random.default_rng(0)
+    cap_img = np.repeat(np.arange(40), 2)
+    img = rng.normal(size=(40, 8)).astype(np.float32)
+    first = (img[cap_img] + rng.normal(scale=2.0, size=(80, 8))).astype(np.float32)
+    second = (img[cap_img] + rng.normal(scale=2.0, size=(80, 8))).astype(np.float32)
+    captions = [f"caption {c}" for c in range(80)]
+    m, ks, weights = 10, (1, 5, 10), (0.0, 0.25, 1.0, 4.0, 100.0)
+    top = topk_from_embeddings(first, img, cap_img, m)
+    new = rerank_scores(top, captions, SecondView(captions, second, img), m)
+    chosen, ar = choose_first_weight(top, new, cap_img, m, weights, ks)
+
+    s1, s2 = first @ img.T, second @ img.T
+    by_hand = {}
+    for w in weights:  # the head of each row ordered by (second + w x first), by hand
+        ir = _by_hand(s1, s2 + w * s1, [{int(i)} for i in cap_img], m, ks)
+        tr = _by_hand(s1.T, (s2 + w * s1).T, [set(np.flatnonzero(cap_img == i)) for i in range(40)], m, ks)
+        by_hand[w] = np.mean([ir[k] for k in ks] + [tr[k] for k in ks])
+    assert ar == pytest.approx(by_hand)
+    assert chosen == max(weights, key=lambda w: (by_hand[w], -w))
+    assert chosen not in (0.0, 100.0)  # the mix beats both the re-ranker alone and the first stage alone here
+
+    # a re-ranker that repeats the first stage's score orders alike at every weight: ties go to the smallest
+    echo = {k: getattr(top, f"{k}_scores")[:, :m] for k in new}
+    chosen, ar = choose_first_weight(top, echo, cap_img, m, weights, ks)
+    assert chosen == 0.0 and len(set(ar.values())) == 1
 
 
 def test_second_dual_encoder_reranks_like_by_hand(tiny_checkpoint, other_checkpoint, test_split_dir):
