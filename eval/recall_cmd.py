@@ -229,9 +229,10 @@ def _rerank(args, split, top, ks, device, val, val_top) -> dict:
         weights = args.rerank_weights or WEIGHT_GRID
         weight, sweep = choose_first_weight(val_top, rerank_scores(val_top, val.captions, val_reranker, m),
                                             val.caption_image, m, weights, ks)
-        choice = {"data": str(args.rerank_val), "ar": {f"{w:g}": a for w, a in sweep.items()}}
+        first_ar = retrieval_recall(val_top, val.caption_image, ks)["ar"]
+        choice = {"data": str(args.rerank_val), "ar": {f"{w:g}": a for w, a in sweep.items()}, "first_stage_ar": first_ar}
         print(f"mixing weight chosen on {args.rerank_val}: {weight:g} (AR there by weight: "
-              + ", ".join(f"{w:g}: {100 * a:.1f}" for w, a in sweep.items()) + ")")
+              + ", ".join(f"{w:g}: {100 * a:.1f}" for w, a in sweep.items()) + f"; first stage alone: {100 * first_ar:.1f})")
     t = time.perf_counter()  # the test queries' re-ranking alone (the paper's Table 7 cost)
     reranker = load_reranker(args.rerank, ImageStore(split.data_dir, split.keys), device=device)
     new = rerank_scores(top, split.captions, reranker, m)

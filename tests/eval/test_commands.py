@@ -141,8 +141,10 @@ def test_recall_chooses_the_mixing_weight_on_a_validation_split(tmp_path, tiny_c
     ar = {w: reranked("train", w)["ar"] for w in weights}
     assert len(set(ar.values())) > 1  # the weight matters on this split, so choosing it means something
     assert rec["weight"] == max(weights, key=lambda w: (ar[w], -w))
+    split, txt, img = enc["train"]
     assert rec["weight_chosen_on"] == {"data": str(tiny_shards / "train"),
-                                       "ar": pytest.approx({f"{w:g}": a for w, a in ar.items()})}
+                                       "ar": pytest.approx({f"{w:g}": a for w, a in ar.items()}),
+                                       "first_stage_ar": pytest.approx(retrieval_recall(txt @ img.T, split.caption_image)["ar"])}
     assert rec["recall"] == pytest.approx(reranked("test", rec["weight"]), abs=1e-9)
     assert rec["recall_alone"] == pytest.approx(reranked("test", 0.0), abs=1e-9)
     printed = capsys.readouterr().out
