@@ -77,14 +77,19 @@ class Context:
         final = run / "checkpoints" / "final"
         if name in self.train_seconds and name not in self.reused:  # trained by this invocation (another row's stage)
             return final
-        if self.reuse and (final / "ldot.json").is_file():
-            self.train_seconds.setdefault(name, json.loads((run / "seconds.json").read_text())["seconds"])
-            self.reused.add(name)
-            return final
         cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(self.nproc), "-m", "ldot.train",
                "--config", str(config), f"output_dir={run}", f"data.train={self.data / 'train'}", f"seed={self.seed}",
                f"optim.max_steps={steps or self.steps}", "tracking.system_metrics_every_s=0",
                f"tracking.experiment=quality-{name}", *overrides]
+        if self.reuse and (final / "ldot.json").is_file():
+            record = json.loads((run / "seconds.json").read_text())
+            # a run is reused only with the settings it was trained with (runs from before they were recorded: as is)
+            if record.get("settings", cmd[3:]) == cmd[3:]:
+                self.train_seconds.setdefault(name, record["seconds"])
+                self.reused.add(name)
+                return final
+            print(f"{name}: its recorded settings differ from this invocation's (e.g. other steps); training it again",
+                  flush=True)
         t0 = time.perf_counter()
         log = run.parent / f"{run.name}.log"
         run.parent.mkdir(parents=True, exist_ok=True)
@@ -94,7 +99,7 @@ class Context:
         if proc.returncode != 0:
             raise SystemExit(f"error: {name} failed (exit {proc.returncode}); see {log}")
         self.train_seconds[name] = time.perf_counter() - t0
-        (run / "seconds.json").write_text(json.dumps({"seconds": self.train_seconds[name]}))
+        (run / "seconds.json").write_text(json.dumps({"seconds": self.train_seconds[name], "settings": cmd[3:]}))
         return final
 
     def mine(self, checkpoint: Path, k: int = 20, data: Path | None = None, name: str = "mined") -> Path:
@@ -333,8 +338,9 @@ def main(argv=None) -> int:
     p.add_argument("--pretrain-steps", type=int, default=300)
     p.add_argument("--hard-negatives", type=int, default=2, help="K of the hard-negative row")
     p.add_argument("--rerank-steps", type=int, default=400, help="training steps of the re-ranker row")
-    p.add_argument("--itm-steps", type=int, default=0, help="the rerank-itm row's steps on the pretraining scenes' "
-                                                             "lists (default: --rerank-steps)")
+    p.add_argument("--itm-steps", type=int, default=800,
+                   help="the rerank-itm row's steps on the pretraining scenes' lists (400 lost to the first stage alone, "
+                        "800 beat it: RESULTS.md, quality)")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--reuse", action="store_true", help="keep runs whose export exists under --out")
     p.add_argument("--no-record", action="store_true", help="print the table only, not into RESULTS.md")
