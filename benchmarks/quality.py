@@ -384,8 +384,11 @@ def main(argv=None) -> int:
                  f"{100 * chance:.1f}; seeds {', '.join(map(str, args.seeds))}" + (" (mean ± half the range)"
                                                                                   if len(args.seeds) > 1 else ""))
     if {"rerank", "rerank-itm"} & set(results):
+        from ldot.eval.rerank import WEIGHT_GRID
+
         notes.append(f"- re-ranker rows: the re-ranker's order alone, then mixed (its score + w x the first stage's "
-                     f"cosine), w chosen by `ldot eval recall --rerank-val` from {{0, 1, 2, 3, 5, 10, 20, 30, 50, 100}} on "
+                     f"cosine), w chosen by `ldot eval recall --rerank-val` from "
+                     f"{{{', '.join(f'{w:g}' for w in WEIGHT_GRID)}}} on "
                      f"{args.val_images} more new scenes of the training pairs (seed 3), never on a test set; the seen "
                      f"pairs are re-ranked at the w the held-out run chose")
     if reused:

@@ -81,13 +81,12 @@ def pick_figure_queries(ir_ids: np.ndarray, gt: np.ndarray, n: int) -> list[int]
 
 def run(args) -> int:
     from ldot.data.loader import load_eval_split
+    from ldot.eval.errors import EvalError
     from ldot.eval.index import gpu_available
     from ldot.eval.metrics import chance_recall, format_table, retrieval_recall
     from ldot.eval.recall import encode_split, recall_from_embeddings, topk_from_embeddings
     from ldot.model import load_dual_encoder
     from ldot.tracking import RUN_FILE, Tracker
-
-    from ldot.eval.errors import EvalError
 
     if (args.rerank_val or args.rerank_weights) and not args.rerank:
         raise EvalError("--rerank-val and --rerank-weights choose how to mix a re-ranker's score: they need --rerank CKPT")
