@@ -443,7 +443,11 @@ def main() -> None:
     p.add_argument("--loader-vocab", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        return worker(args)
+        from ldot.distributed import close_distributed
+
+        worker(args)
+        close_distributed()  # else the exit may abort (see there) and count as a failed run
+        return None
 
     import torch
 

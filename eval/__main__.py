@@ -29,10 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     from ldot.errors import EXIT_BAD_INPUT, LdotError
 
     try:
-        return args.func(args)
+        rc = args.func(args)
     except LdotError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        rc = EXIT_BAD_INPUT
+    if "torch.distributed" in sys.modules:  # recall and mine open a process group under torchrun or srun
+        from ldot.distributed import close_distributed
+
+        close_distributed()
+    return rc
 
 
 if __name__ == "__main__":

@@ -95,3 +95,17 @@ def tiny_shards(tmp_path_factory):
                            "--test-images", "24", "--seed", "1"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="session")
+def main_then_report(tmp_path_factory):
+    """A script that runs `python -m MODULE ARGS...` as its main() and then prints, per process, whether
+    main left a process group open. Left open, gloo's teardown at interpreter exit aborts the process now
+    and then after its work is done (exit 134, "terminate called without an active exception"); this
+    makes the check deterministic instead of a matter of luck."""
+    script = tmp_path_factory.mktemp("wrappers") / "main_then_report.py"
+    script.write_text("import importlib\nimport sys\nimport torch.distributed as dist\n"
+                      "rc = importlib.import_module(sys.argv[1]).main(sys.argv[2:])\n"
+                      "print(f'process group left open: {dist.is_initialized()}', flush=True)\n"
+                      "sys.exit(rc)\n")
+    return script

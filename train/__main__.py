@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         outcome, path = train(cfg, resume=args.resume)
     except LdotError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if "torch.distributed" in sys.modules:  # a bad config is refused before torch is imported: nothing to close
+            from ldot.distributed import close_distributed
+
+            close_distributed()
         return EXIT_BAD_INPUT
     except Exception as exc:
         from ldot.distributed import collective_failure
@@ -59,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.shutdown()
         sys.stdout.flush()
         os._exit(1)
+    from ldot.distributed import close_distributed
+
+    close_distributed()  # after the last barrier (finish, preempt), before the interpreter's teardown
     if outcome == "preempted":
         if rank == "0":
             print(f"preempted: checkpoint {path}; exit {EXIT_REQUEUE} (requeue with --resume auto)")

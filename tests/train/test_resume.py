@@ -17,8 +17,8 @@ STEPS = 30
 pytestmark = pytest.mark.torchrun
 
 
-def _cmd(out, data, text_encoder, *extra):
-    return [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "ldot.train",
+def _cmd(out, data, text_encoder, *extra, main=("-m", "ldot.train")):
+    return [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", *main,
             "--config", "train/configs/demo.yaml", f"output_dir={out}", f"data.train={data}",
             f"model.text_encoder={text_encoder}", "model.image_layers=1", "data.batch_size=4",
             f"optim.max_steps={STEPS}", "checkpoint.every_steps=2", "checkpoint.keep_last=2",
@@ -42,12 +42,14 @@ def _trace(out: Path) -> dict[int, list[float]]:
     return steps
 
 
-def test_kill_9_then_resume_auto_continues_the_same_trace(tmp_path, tiny_shards, tiny_text_encoder):
+def test_kill_9_then_resume_auto_continues_the_same_trace(tmp_path, tiny_shards, tiny_text_encoder, main_then_report):
     data = tiny_shards / "train"
     straight = tmp_path / "straight"
-    proc = subprocess.run(_cmd(straight, data, tiny_text_encoder), cwd=ROOT, env=_env(), capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(_cmd(straight, data, tiny_text_encoder, main=(str(main_then_report), "ldot.train.__main__")),
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    # both ranks close their process group before they leave (see main_then_report)
+    assert proc.stdout.count("process group left open: False") == 2, proc.stdout[-2000:]
 
     crashed = tmp_path / "crashed"
     victim = subprocess.Popen(_cmd(crashed, data, tiny_text_encoder), cwd=ROOT, env=_env(), start_new_session=True,
