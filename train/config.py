@@ -195,7 +195,9 @@ class RerankConfig:
     encoder the re-ranker will serve."""
     negatives: int = 3
     """K: negatives per query list, drawn each step from its mined list. Each training image gives two
-    lists (its caption against 1 + K images, the image against 1 + K captions): 2K + 1 pairs."""
+    lists (its caption against 1 + K images, the image against 1 + K captions): 2K + 1 pairs. 0 with
+    rerank.random > 0: random negatives only, as UNITER's ITM pretraining draws them (an ITM stage before
+    the mined one; train/rerank.py)."""
     from_top: Optional[int] = None
     """Draw from the first N entries of each mined list only (None: all that were mined)."""
     random: int = 0
@@ -221,10 +223,12 @@ class RerankConfig:
     Neither set: from model.text_encoder's BERT, regions fresh."""
 
     def __post_init__(self):
-        if self.negatives < 1:
-            raise ConfigError(f"rerank.negatives must be >= 1, got {self.negatives}")
+        if self.negatives < 0:
+            raise ConfigError(f"rerank.negatives must be >= 0, got {self.negatives}")
         if self.random < 0:
             raise ConfigError(f"rerank.random must be >= 0, got {self.random}")
+        if self.negatives + self.random < 1:
+            raise ConfigError("rerank.negatives and rerank.random are both 0: a list needs a negative")
         if self.from_top is not None and self.from_top < self.negatives:
             raise ConfigError(f"rerank.from_top={self.from_top} is below rerank.negatives={self.negatives}")
         if self.layers is not None and self.layers < 1:

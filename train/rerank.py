@@ -35,6 +35,9 @@ from the training set to every list (1 + K + R candidates): the easy ones teach 
 the fine distinctions the first stage gets wrong. Started from UNITER's ITM head (rerank.uniter), R = 0
 keeps every list hard, as the original's are.
 
+With K = 0 every negative is random: UNITER's ITM pretraining in miniature, a stage of its own before the
+mined one (rerank.init_from the first stage's export; benchmarks/quality.py, row rerank-itm).
+
 Every draw (a caption of the image, K + R negatives each way) is a function of (seed, the loader's batch
 index, the image's index in the dataset): the same whichever rank holds the image and however a global
 batch is split, and replayed exactly on resume (the wrapped loader's state is the whole state). Each

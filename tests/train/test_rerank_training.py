@@ -110,6 +110,30 @@ def test_random_negatives_join_each_list(batches, mined):
         assert captions[0] in own and not set(captions[1:]) & set(own) and len(set(captions)) == len(captions)
 
 
+def test_random_negatives_alone_when_k_is_0(batches, mined):
+    """rerank.negatives=0 with rerank.random=R: lists of 1 + R, none from the mined lists' order (UNITER's ITM
+    pretraining draws its negatives at random); with 12 images the random ones must reach beyond the top 6."""
+    rb, tok = batches
+    split = mined[1]
+    rows = list(range(12))
+    rb.k, rb.random = 0, 3
+    try:
+        b = rb.make(rows, [split.image_ids[r] for r in rows], index=1)
+    finally:
+        rb.k, rb.random = K, 0
+    assert b["lists"].shape == (24, 4) and int((b["lists"] < 0).sum()) == 0
+    assert b["input_ids"].shape[0] == 12 * 7
+    pairs = _pairs(b, tok, rb.store)
+    outside = 0
+    for j, r in enumerate(rows):
+        t2i = b["lists"][2 * j].tolist()
+        images = [pairs[p][1] for p in t2i]
+        assert images[0] == r and r not in images[1:] and len(set(images)) == 4
+        c = split.captions.index(pairs[t2i[0]][0])
+        outside += len(set(images[1:]) - set(rb.mined.txt2img[c].tolist()))
+    assert outside > 0
+
+
 def test_draws_are_the_same_however_the_batch_is_split(batches, mined):
     """A rank's half of a global batch gets the pairs the global batch gives its images (2 ranks == 1)."""
     rb, tok = batches
@@ -196,6 +220,9 @@ def test_rerank_config_is_checked():
         load_config(None, base + ["rerank.mined=m", "data.token_budget=512"])
     with pytest.raises(ConfigError, match="rerank.uniter needs model.tokenizer"):
         load_config(None, base + ["rerank.mined=m", "rerank.uniter=u.pt"])
+    with pytest.raises(ConfigError, match="both 0: a list needs a negative"):
+        load_config(None, base + ["rerank.mined=m", "rerank.negatives=0"])
+    assert load_config(None, base + ["rerank.mined=m", "rerank.negatives=0", "rerank.random=4"]).rerank.negatives == 0
     with pytest.raises(ConfigError, match="rerank.from_top=2 is below"):
         load_config(None, base + ["rerank.mined=m", "rerank.from_top=2"])
     with pytest.raises(ConfigError, match="eval.every_steps with task=rerank needs rerank.val_mined"):
