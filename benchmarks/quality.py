@@ -67,6 +67,8 @@ class Context:
     reuse: bool
     relations: bool = False  # the relations set (module doc)
     itm_steps: int = 0    # the rerank-itm row's first stage on the pretraining scenes' lists (0: rerank_steps)
+    itm_lr: float | None = None  # that stage's peak learning rate (None: rerank-demo.yaml's)
+    itm_lists: str = "mined"  # that stage's negatives: "mined" (K=2 mined + R=2 random) or "random" (R=4, as UNITER's ITM)
     train_seconds: dict[str, float] = field(default_factory=dict)
     reused: set[str] = field(default_factory=set)
     mined: set[Path] = field(default_factory=set)  # mined by this invocation
@@ -246,14 +248,19 @@ def reranked_after_itm(ctx: Context) -> Result:
     first = ctx.train("finetune")
     pre = ctx.pretrain_data / "train"
     itm = ctx.train("rerank-itm", f"data.train={pre}", f"rerank.mined={ctx.mine(first, data=pre, name='mined-pretrain')}",
-                    f"rerank.init_from={first}", "rerank.layers=2", config=RERANK, steps=ctx.itm_steps or ctx.rerank_steps)
+                    f"rerank.init_from={first}", "rerank.layers=2", *([f"optim.lr={ctx.itm_lr:g}"] if ctx.itm_lr else []),
+                    *(["rerank.negatives=0", "rerank.random=4"] if ctx.itm_lists == "random" else []),
+                    config=RERANK, steps=ctx.itm_steps or ctx.rerank_steps)
     reranker = ctx.train("rerank-after-itm", f"rerank.mined={ctx.mine(first)}", f"rerank.init_from={itm}",
                          "rerank.layers=2", config=RERANK, steps=ctx.rerank_steps)
     pair = ctx.rerank_recall(first, reranker, tag="-rerank-after-itm")
     images = json.loads((pre / "manifest.json").read_text())["num_samples"]
     return reranked(pair, ("finetune", "rerank-itm", "rerank-after-itm"),
-                  f"the re-ranker row's model and recipe, {ctx.itm_steps or ctx.rerank_steps} steps on lists mined from {images} other "
-                  f"scenes by the same first stage, then {ctx.rerank_steps} on the fine-tuning set's")
+                  f"the re-ranker row's model and recipe, {ctx.itm_steps or ctx.rerank_steps} steps"
+                  + (f" at peak lr {ctx.itm_lr:g}" if ctx.itm_lr else "")
+                  + (f" on lists of 4 random negatives (UNITER's ITM) from {images} other scenes" if ctx.itm_lists == "random"
+                     else f" on lists mined from {images} other scenes by the same first stage")
+                  + f", then {ctx.rerank_steps} on the fine-tuning set's")
 
 
 @dataclass(frozen=True)
@@ -341,6 +348,11 @@ def main(argv=None) -> int:
     p.add_argument("--itm-steps", type=int, default=800,
                    help="the rerank-itm row's steps on the pretraining scenes' lists (400 lost to the first stage alone, "
                         "800 beat it on seed 0, not on seed 1: RESULTS.md, quality)")
+    p.add_argument("--itm-lr", type=float, help="the rerank-itm row's peak learning rate on the pretraining scenes' "
+                                                "lists (default: rerank-demo.yaml's)")
+    p.add_argument("--itm-lists", choices=("mined", "random"), default="mined",
+                   help="the rerank-itm row's negatives on the pretraining scenes: mined by the first stage (K=2 + R=2 "
+                        "random) or random only (R=4, as UNITER's ITM pretraining)")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--reuse", action="store_true", help="keep runs whose export exists under --out")
     p.add_argument("--no-record", action="store_true", help="print the table only, not into RESULTS.md")
@@ -364,7 +376,8 @@ def main(argv=None) -> int:
     reused: set[str] = set()
     for seed in args.seeds:
         ctx = Context(args.out, data, pretrain_data, seen / "train", val / "train", seed, args.steps, args.pretrain_steps, args.nproc,
-                      args.hard_negatives, args.rerank_steps, args.reuse, args.relations, args.itm_steps)
+                      args.hard_negatives, args.rerank_steps, args.reuse, args.relations, args.itm_steps,
+                      args.itm_lr, args.itm_lists)
         for row in ROWS:
             if row.key in args.rows:
                 r = row.run(ctx)
