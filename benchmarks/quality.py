@@ -151,13 +151,16 @@ class Result:
     note: str = ""
     # re-ranker rows: (held-out, seen) recall with the first stage's score mixed in, and the weight (Context.rerank_recall)
     mixed: tuple[dict, dict, float] | None = None
+    # re-ranker rows: their first stage's own (held-out, seen) recall, the reference when the finetune row is not run
+    first: tuple[dict, dict] | None = None
 
 
 def reranked(pair: tuple[dict, dict], stages: tuple[str, ...], note: str) -> Result:
     """A re-ranker row's Result from Context.rerank_recall's two recall.json: the re-ranker's order alone, and mixed."""
     alone = [r["rerank"].get("recall_alone", r["rerank"]["recall"]) for r in pair]
     return Result(alone[0], alone[1], stages, note,
-                  mixed=(pair[0]["rerank"]["recall"], pair[1]["rerank"]["recall"], pair[0]["rerank"]["weight"]))
+                  mixed=(pair[0]["rerank"]["recall"], pair[1]["rerank"]["recall"], pair[0]["rerank"]["weight"]),
+                  first=(pair[0]["recall"], pair[1]["recall"]))
 
 
 def same_objects_share(data: Path, mined: Path, top: int = 5) -> float:
@@ -299,32 +302,40 @@ def pct(values: list[float]) -> str:
 
 
 def table(results: dict[str, list[Result]], seconds: dict[str, list[float]]) -> str:
-    """One line a row (mean over seeds); a re-ranker row adds a line for its mix with the first stage's score."""
+    """One line a row (mean over seeds); a re-ranker row adds a line for its mix with the first stage's score.
+    Deltas are against the finetune row, or where it was not run, against a re-ranker row's own first stage
+    (the same fine-tuning, read from that row's recall files)."""
     base = results.get("finetune")
     lines = ["| row | TR R@1 | IR R@1 | AR | AR vs fine-tuned only | AR, seen pairs | vs fine-tuned only | train s |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
 
-    def line(label: str, held: list[dict], seen: list[dict], secs: list[float], is_base: bool) -> str:
-        def delta(values: list[dict], key: str) -> str:
-            if base is None or is_base:
+    def line(label: str, held: list[dict], seen: list[dict], secs: list[float], refs: tuple[list, list] | None) -> str:
+        def delta(values: list[dict], ref: list | None) -> str:
+            if not ref:
                 return ""
-            ref = statistics.fmean(getattr(r, key)["ar"] for r in base)
-            return f"{100 * (statistics.fmean(v['ar'] for v in values) - ref):+.1f}"
+            return f"{100 * (statistics.fmean(v['ar'] for v in values) - statistics.fmean(r['ar'] for r in ref)):+.1f}"
         return (f"| {label} | {pct([r['tr_r1'] for r in held])} | {pct([r['ir_r1'] for r in held])} "
-                f"| {pct([r['ar'] for r in held])} | {delta(held, 'recall')} | {pct([r['ar'] for r in seen])} "
-                f"| {delta(seen, 'seen')} | {statistics.fmean(secs):.0f} |")
+                f"| {pct([r['ar'] for r in held])} | {delta(held, refs and refs[0])} | {pct([r['ar'] for r in seen])} "
+                f"| {delta(seen, refs and refs[1])} | {statistics.fmean(secs):.0f} |")
 
     for row in ROWS:
         if row.key not in results:
             continue
         rs = results[row.key]
-        lines.append(line(row.label, [r.recall for r in rs], [r.seen for r in rs], seconds[row.key],
-                          row.key == "finetune"))
+        if row.key == "finetune":
+            refs = None
+        elif base is not None:
+            refs = ([r.recall for r in base], [r.seen for r in base])
+        elif all(r.first for r in rs):
+            refs = ([r.first[0] for r in rs], [r.first[1] for r in rs])
+        else:
+            refs = None
+        lines.append(line(row.label, [r.recall for r in rs], [r.seen for r in rs], seconds[row.key], refs))
         if all(r.mixed for r in rs):
             weights = ", ".join(f"{r.mixed[2]:g}" for r in rs)
             lines.append(line(f"{row.label}, mixed with the first stage's score (weight {weights}, chosen on the "
                               f"validation scenes)", [r.mixed[0] for r in rs], [r.mixed[1] for r in rs],
-                              seconds[row.key], False))
+                              seconds[row.key], refs))
     return "\n".join(lines)
 
 
