@@ -68,7 +68,9 @@ class Context:
     relations: bool = False  # the relations set (module doc)
     itm_steps: int = 0    # the rerank-itm row's first stage on the pretraining scenes' lists (0: rerank_steps)
     itm_lr: float | None = None  # that stage's peak learning rate (None: rerank-demo.yaml's)
-    itm_lists: str = "mined"  # that stage's negatives: "mined" (K=2 mined + R=2 random) or "random" (R=4, as UNITER's ITM)
+    itm_lists: str = "mined"  # that stage's negatives: "mined" (K=2 mined + R=2 random), "random" (R=4, as UNITER's
+                              # ITM) or "curriculum" (random for its first itm_random_steps, then mined)
+    itm_random_steps: int = 300
     train_seconds: dict[str, float] = field(default_factory=dict)
     reused: set[str] = field(default_factory=set)
     mined: set[Path] = field(default_factory=set)  # mined by this invocation
@@ -247,23 +249,41 @@ def reranked_top20(ctx: Context) -> Result:
 def reranked_after_itm(ctx: Context) -> Result:
     """The re-ranker row's model, first ITM-trained on the pretraining scenes' lists (mined there by the same
     first stage), then on the fine-tuning set's as in the re-ranker row: UNITER's ITM pretraining before its
-    retrieval fine-tuning, in miniature. Twice the re-ranker row's steps in all."""
+    retrieval fine-tuning, in miniature. Twice the re-ranker row's steps in all (ctx.itm_steps on the pretraining
+    scenes). With itm_lists "curriculum" the ITM stage is two runs: ctx.itm_random_steps on random lists (which
+    every seed learns at once), then the rest on the mined lists, started from the first's export (RESULTS.md,
+    quality: mined lists alone stall on some seeds, random lists alone teach too little of what the mined
+    second stage needs)."""
     first = ctx.train("finetune")
     pre = ctx.pretrain_data / "train"
-    itm = ctx.train("rerank-itm", f"data.train={pre}", f"rerank.mined={ctx.mine(first, data=pre, name='mined-pretrain')}",
-                    f"rerank.init_from={first}", "rerank.layers=2", *([f"optim.lr={ctx.itm_lr:g}"] if ctx.itm_lr else []),
-                    *(["rerank.negatives=0", "rerank.random=4"] if ctx.itm_lists == "random" else []),
-                    config=RERANK, steps=ctx.itm_steps or ctx.rerank_steps)
+    steps = ctx.itm_steps or ctx.rerank_steps
+    lr = [f"optim.lr={ctx.itm_lr:g}"] if ctx.itm_lr else []
+    random_lists = ["rerank.negatives=0", "rerank.random=4"]
+    mined_pre = ctx.mine(first, data=pre, name="mined-pretrain")
+    start, stages = first, ("finetune",)
+    if ctx.itm_lists == "curriculum":
+        if not 0 < ctx.itm_random_steps < steps:
+            raise SystemExit(f"error: --itm-random-steps must be in (0, {steps}), got {ctx.itm_random_steps}")
+        start = ctx.train("rerank-itm-random", f"data.train={pre}", f"rerank.mined={mined_pre}",
+                          f"rerank.init_from={first}", "rerank.layers=2", *lr, *random_lists, config=RERANK,
+                          steps=ctx.itm_random_steps)
+        stages += ("rerank-itm-random",)
+        steps -= ctx.itm_random_steps
+    itm = ctx.train("rerank-itm", f"data.train={pre}", f"rerank.mined={mined_pre}", f"rerank.init_from={start}",
+                    "rerank.layers=2", *lr, *(random_lists if ctx.itm_lists == "random" else []),
+                    config=RERANK, steps=steps)
     reranker = ctx.train("rerank-after-itm", f"rerank.mined={ctx.mine(first)}", f"rerank.init_from={itm}",
                          "rerank.layers=2", config=RERANK, steps=ctx.rerank_steps)
     pair = ctx.rerank_recall(first, reranker, tag="-rerank-after-itm")
     images = json.loads((pre / "manifest.json").read_text())["num_samples"]
-    return reranked(pair, ("finetune", "rerank-itm", "rerank-after-itm"),
-                  f"the re-ranker row's model and recipe, {ctx.itm_steps or ctx.rerank_steps} steps"
-                  + (f" at peak lr {ctx.itm_lr:g}" if ctx.itm_lr else "")
-                  + (f" on lists of 4 random negatives (UNITER's ITM) from {images} other scenes" if ctx.itm_lists == "random"
-                     else f" on lists mined from {images} other scenes by the same first stage")
-                  + f", then {ctx.rerank_steps} on the fine-tuning set's")
+    lists = {"random": f"on lists of 4 random negatives (UNITER's ITM) from {images} other scenes",
+             "mined": f"on lists mined from {images} other scenes by the same first stage",
+             "curriculum": f"on {images} other scenes: {ctx.itm_random_steps} on lists of 4 random negatives, then "
+                           f"{steps} on the lists the same first stage mined there"}[ctx.itm_lists]
+    return reranked(pair, (*stages, "rerank-itm", "rerank-after-itm"),
+                    f"the re-ranker row's model and recipe, {ctx.itm_steps or ctx.rerank_steps} steps"
+                    + (f" at peak lr {ctx.itm_lr:g}" if ctx.itm_lr else "") + f" {lists}"
+                    + f", then {ctx.rerank_steps} on the fine-tuning set's")
 
 
 @dataclass(frozen=True)
@@ -361,9 +381,12 @@ def main(argv=None) -> int:
                         "800 beat it on seed 0, not on seed 1: RESULTS.md, quality)")
     p.add_argument("--itm-lr", type=float, help="the rerank-itm row's peak learning rate on the pretraining scenes' "
                                                 "lists (default: rerank-demo.yaml's)")
-    p.add_argument("--itm-lists", choices=("mined", "random"), default="mined",
+    p.add_argument("--itm-lists", choices=("mined", "random", "curriculum"), default="mined",
                    help="the rerank-itm row's negatives on the pretraining scenes: mined by the first stage (K=2 + R=2 "
-                        "random) or random only (R=4, as UNITER's ITM pretraining)")
+                        "random), random only (R=4, as UNITER's ITM pretraining), or random for --itm-random-steps "
+                        "and then mined")
+    p.add_argument("--itm-random-steps", type=int, default=300,
+                   help="with --itm-lists curriculum: the ITM stage's first steps, on random lists (of --itm-steps)")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--reuse", action="store_true", help="keep runs whose export exists under --out")
     p.add_argument("--no-record", action="store_true", help="print the table only, not into RESULTS.md")
@@ -388,7 +411,7 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         ctx = Context(args.out, data, pretrain_data, seen / "train", val / "train", seed, args.steps, args.pretrain_steps, args.nproc,
                       args.hard_negatives, args.rerank_steps, args.reuse, args.relations, args.itm_steps,
-                      args.itm_lr, args.itm_lists)
+                      args.itm_lr, args.itm_lists, args.itm_random_steps)
         for row in ROWS:
             if row.key in args.rows:
                 r = row.run(ctx)
