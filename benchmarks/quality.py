@@ -256,22 +256,23 @@ def reranked_after_itm(ctx: Context) -> Result:
     second stage needs)."""
     first = ctx.train("finetune")
     pre = ctx.pretrain_data / "train"
-    steps = ctx.itm_steps or ctx.rerank_steps
-    lr = [f"optim.lr={ctx.itm_lr:g}"] if ctx.itm_lr else []
+    total = steps = ctx.itm_steps or ctx.rerank_steps
     random_lists = ["rerank.negatives=0", "rerank.random=4"]
     mined_pre = ctx.mine(first, data=pre, name="mined-pretrain")
+
+    def itm_run(name: str, init: Path, *lists: str, steps: int) -> Path:
+        """An ITM run on the pretraining scenes (both of a curriculum's, with the same overrides in the same order,
+        so that --reuse recognizes runs of before the curriculum)."""
+        return ctx.train(name, f"data.train={pre}", f"rerank.mined={mined_pre}", f"rerank.init_from={init}",
+                         "rerank.layers=2", *([f"optim.lr={ctx.itm_lr:g}"] if ctx.itm_lr else []), *lists,
+                         config=RERANK, steps=steps)
+
     start, stages = first, ("finetune",)
-    if ctx.itm_lists == "curriculum":
-        if not 0 < ctx.itm_random_steps < steps:
-            raise SystemExit(f"error: --itm-random-steps must be in (0, {steps}), got {ctx.itm_random_steps}")
-        start = ctx.train("rerank-itm-random", f"data.train={pre}", f"rerank.mined={mined_pre}",
-                          f"rerank.init_from={first}", "rerank.layers=2", *lr, *random_lists, config=RERANK,
-                          steps=ctx.itm_random_steps)
+    if ctx.itm_lists == "curriculum":  # main() checked 0 < itm_random_steps < total
+        start = itm_run("rerank-itm-random", first, *random_lists, steps=ctx.itm_random_steps)
         stages += ("rerank-itm-random",)
         steps -= ctx.itm_random_steps
-    itm = ctx.train("rerank-itm", f"data.train={pre}", f"rerank.mined={mined_pre}", f"rerank.init_from={start}",
-                    "rerank.layers=2", *lr, *(random_lists if ctx.itm_lists == "random" else []),
-                    config=RERANK, steps=steps)
+    itm = itm_run("rerank-itm", start, *(random_lists if ctx.itm_lists == "random" else []), steps=steps)
     reranker = ctx.train("rerank-after-itm", f"rerank.mined={ctx.mine(first)}", f"rerank.init_from={itm}",
                          "rerank.layers=2", config=RERANK, steps=ctx.rerank_steps)
     pair = ctx.rerank_recall(first, reranker, tag="-rerank-after-itm")
@@ -281,7 +282,7 @@ def reranked_after_itm(ctx: Context) -> Result:
              "curriculum": f"on {images} other scenes: {ctx.itm_random_steps} on lists of 4 random negatives, then "
                            f"{steps} on the lists the same first stage mined there"}[ctx.itm_lists]
     return reranked(pair, (*stages, "rerank-itm", "rerank-after-itm"),
-                    f"the re-ranker row's model and recipe, {ctx.itm_steps or ctx.rerank_steps} steps"
+                    f"the re-ranker row's model and recipe, {total} steps"
                     + (f" at peak lr {ctx.itm_lr:g}" if ctx.itm_lr else "") + f" {lists}"
                     + f", then {ctx.rerank_steps} on the fine-tuning set's")
 
@@ -393,6 +394,10 @@ def main(argv=None) -> int:
     p.add_argument("--reuse", action="store_true", help="keep runs whose export exists under --out")
     p.add_argument("--no-record", action="store_true", help="print the table only, not into RESULTS.md")
     args = p.parse_args(argv)
+    itm_total = args.itm_steps or args.rerank_steps
+    if "rerank-itm" in args.rows and args.itm_lists == "curriculum" and not 0 < args.itm_random_steps < itm_total:
+        # refused here, before any data is made or first stage trained (exit 2)
+        p.error(f"--itm-random-steps must be in (0, {itm_total}) (the ITM stage's steps), got {args.itm_random_steps}")
 
     t0 = time.perf_counter()
     args.out = args.out or ROOT / "out" / ("quality-relations" if args.relations else "quality")
