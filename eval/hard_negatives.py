@@ -28,11 +28,49 @@ def _first_k_not(ids: np.ndarray, scores: np.ndarray, positive: np.ndarray, k: i
     return np.where(kept, out_ids, -1), np.where(kept, out_scores, np.nan)
 
 
-def mine(top: TopK, caption_image, k: int, image_key=None) -> dict[str, np.ndarray]:
+def text_keys(captions) -> np.ndarray:
+    """Per caption, one id per distinct text, case and spacing aside: captions of one key say the same."""
+    norm = np.asarray([" ".join(str(t).lower().split()) for t in captions], dtype=object)
+    return np.unique(norm, return_inverse=True)[1].reshape(-1).astype(np.int64)
+
+
+def _said(text_key, caption_image, key) -> tuple[np.ndarray, int]:
+    """The (text, image key) pairs a split holds, each as one integer text * n + key; and n."""
+    n = int(np.max(key)) + 1
+    return np.unique(np.asarray(text_key, np.int64) * n + key[np.asarray(caption_image)]), n
+
+
+def shared_texts(text_key, caption_image, image_key=None) -> np.ndarray:
+    """Per caption, whether another image (another key) holds a caption of its text too."""
+    cap_img = np.asarray(caption_image)
+    key = np.arange(int(cap_img.max()) + 1) if image_key is None else np.asarray(image_key)
+    said, n = _said(text_key, cap_img, key)
+    return np.bincount(said // n)[np.asarray(text_key)] > 1
+
+
+def skip_depth(caption_image, image_key, text_key=None) -> int:
+    """The most entries mine() may pass over in one query's row: for a caption, the rows of every image that
+    holds its text (its own image's samples at least); for an image, every caption of a text it holds (its
+    own captions at least). A search that deep plus k leaves k negatives in every row."""
+    cap_img, key = np.asarray(caption_image), np.asarray(image_key)
+    texts = np.arange(len(cap_img)) if text_key is None else np.asarray(text_key, np.int64)
+    said, n = _said(texts, cap_img, key)
+    pair_text, pair_key = np.divmod(said, n)
+    rows_per_key = np.bincount(key, minlength=n)
+    captions_per_text = np.bincount(texts)
+    caption_side = np.bincount(pair_text, weights=rows_per_key[pair_key]).max()
+    image_side = np.bincount(pair_key, weights=captions_per_text[pair_text]).max()
+    return int(max(caption_side, image_side))
+
+
+def mine(top: TopK, caption_image, k: int, image_key=None, text_key=None) -> dict[str, np.ndarray]:
     """The k best-ranked non-positives of every query row of ``top``.
 
     ``image_key`` [num_images]: images of one key are one image (e.g. the first row of each image_id, so
     that a dataset's duplicate samples of an image are not each other's negatives); default: the row.
+    ``text_key`` [num_captions] (text_keys): also count as positives, for a caption, every image that holds a
+    caption of its text, and for an image, every caption whose text it holds (one of its own captions'
+    words verbatim): a match as far as the text can tell. Default: the text is not looked at.
 
     Returns txt2img_ids / txt2img_scores [q_cap, k] (images per caption query) and img2txt_ids /
     img2txt_scores [q_img, k] (captions per image query); -1 / NaN pad a row whose pool has fewer
@@ -45,6 +83,13 @@ def mine(top: TopK, caption_image, k: int, image_key=None) -> dict[str, np.ndarr
     ir_pos = np.where(top.ir_ids >= 0, key[np.maximum(top.ir_ids, 0)], -1) == own_image[:, None]
     owner = np.where(top.tr_ids >= 0, key[cap_img[np.maximum(top.tr_ids, 0)]], -1)
     tr_pos = owner == key[top.tr_query][:, None]
+    if text_key is not None:
+        texts = np.asarray(text_key, np.int64)
+        said, n = _said(texts, cap_img, key)
+        ir_key = np.where(top.ir_ids >= 0, key[np.maximum(top.ir_ids, 0)], -1)
+        ir_pos |= (ir_key >= 0) & np.isin(texts[top.ir_query][:, None] * n + ir_key, said)
+        tr_text = np.where(top.tr_ids >= 0, texts[np.maximum(top.tr_ids, 0)], -1)
+        tr_pos |= (tr_text >= 0) & np.isin(tr_text * n + key[top.tr_query][:, None], said)
     t_ids, t_scores = _first_k_not(top.ir_ids, top.ir_scores, ir_pos, k)
     i_ids, i_scores = _first_k_not(top.tr_ids, top.tr_scores, tr_pos, k)
     return {"txt2img_ids": t_ids, "txt2img_scores": t_scores, "img2txt_ids": i_ids, "img2txt_scores": i_scores}

@@ -258,6 +258,11 @@ class HardNegativesConfig:
     first round trains on in-batch negatives only, as the original does by default."""
     batch_size: int = 256
     """Encoding batch of the mining pass."""
+    exclude_same_text: bool = False
+    """Also never mine an image that holds a caption of the query caption's very text (case and spacing
+    aside), nor a caption whose text the query image holds: as far as the text tells, such a pair matches.
+    Datasets repeat generic captions across images (16% of the synthetic scenes' captions recur on another
+    scene). The original mines them (off)."""
 
     def __post_init__(self):
         if self.num_hard_negatives < 0:

@@ -4,7 +4,9 @@ Every `every_epochs` epochs (or `every_steps` steps) the current model encodes t
 (each rank a slice) and searches it both ways with the sharded exact search of `ldot eval` (eval.recall's
 encode_split and topk_from_embeddings, eval.hard_negatives.mine): per caption the `pool` images it ranks
 highest that are not its own, per image the `pool` captions of other images. Samples of one image_id
-count as one image, so a duplicate of the positive is never mined as its negative. From each pool K are
+count as one image, so a duplicate of the positive is never mined as its negative; with
+`exclude_same_text`, neither is an image that holds a caption of the query's very text, nor a caption
+whose text the query image holds (eval.hard_negatives.mine's text_key). From each pool K are
 kept for the round: K drawn at random (the original: `random.sample` of K from its top max(2K + 10, 50),
 re-mined after every epoch) or the K best (`sampling: top`). Every rank gets the same lists (the search
 merges on every rank; the draw is seeded by (seed, the mining step)).
@@ -54,6 +56,7 @@ class HardNegatives:
     def __init__(self, cfg: HardNegativesConfig, data_dir, tokenizer, *, max_text_len: int, seed: int,
                  steps_per_epoch: int | None):
         from ldot.data.loader import load_eval_split
+        from ldot.eval.hard_negatives import shared_texts, skip_depth, text_keys
         from ldot.eval.image_store import ImageStore
 
         self.cfg, self.tokenizer, self.max_text_len, self.seed = cfg, tokenizer, max_text_len, seed
@@ -74,8 +77,13 @@ class HardNegatives:
         self.first_caption = np.searchsorted(self.caption_image, np.arange(split.num_images), side="left")
         self.num_captions = np.bincount(self.caption_image, minlength=split.num_images)
         others = split.num_images - int(np.bincount(self.key).max())
-        # search depth: the pool plus whatever of the query's own image (all samples of its image_id) it skips
-        self.depth_extra = int(np.bincount(self.key, weights=self.num_captions).max())
+        self.text_key = text_keys(split.captions) if cfg.exclude_same_text else None
+        if self.text_key is not None:
+            shared = shared_texts(self.text_key, self.caption_image, self.key)
+            log.info("hard negatives: %d of %d captions share their text with another image, which is never "
+                     "mined as their negative (exclude_same_text)", int(shared.sum()), len(shared))
+        # search depth: the pool plus whatever a row skips (the query's own image, with its same-text matches)
+        self.depth_extra = skip_depth(self.caption_image, self.key, self.text_key)
         self.pool = min(cfg.pool or default_pool(self.k), others)
         if self.pool < self.k:
             raise ConfigError(f"hard_negatives.num_hard_negatives={self.k}: {data_dir} has only {others} images "
@@ -106,7 +114,7 @@ class HardNegatives:
             model.train(was_training)
         top = topk_from_embeddings(text_emb, image_emb, self.caption_image, self.pool + self.depth_extra,
                                    sharded=sharded)
-        mined = mine(top, self.caption_image, self.pool, image_key=self.key)
+        mined = mine(top, self.caption_image, self.pool, image_key=self.key, text_key=self.text_key)
         self.txt2img = self._draw(mined["txt2img_ids"], step, 0, "caption")
         self.img2txt = self._draw(mined["img2txt_ids"], step, 1, "image")
         self.mined_at = step

@@ -229,6 +229,22 @@ def test_mine_writes_each_querys_top_non_matches(tmp_path, tiny_checkpoint, embe
         assert [row_of[(g["image_id"], g["caption"])] for g in i2t[r]["negatives"]] == want
     summary = json.loads((out / "mine.json").read_text())
     assert summary["k"] == 3 and summary["num_captions"] == len(t2i)
+    assert summary["exclude_same_text"] is False and summary["captions_sharing_their_text_with_another_image"] is None
+
+    # --exclude-same-text, over the whole pool (k: every other image): no caption's negatives hold its words
+    assert main(["mine", "--checkpoint", str(tiny_checkpoint), "--data", str(test_split_dir), "--out", str(out),
+                 "--k", str(split.num_images - 1), "--batch-size", "64", "--exclude-same-text"]) == 0
+    capsys.readouterr()
+    t2i = [json.loads(line) for line in (out / "txt2img.jsonl").read_text().splitlines()]
+    words = [" ".join(c.lower().split()) for c in split.captions]
+    holds = [{words[c] for c in range(len(words)) if cap_img[c] == i} for i in range(split.num_images)]
+    for c in range(len(t2i)):
+        want = [i for i in np.argsort(-s[c]) if i != cap_img[c] and words[c] not in holds[i]]
+        assert t2i[c]["negatives"] == [split.image_ids[i] for i in want]
+    summary = json.loads((out / "mine.json").read_text())
+    shared = sum(sum(words[c] in h for h in holds) > 1 for c in range(len(words)))
+    assert summary["exclude_same_text"] is True and summary["captions_sharing_their_text_with_another_image"] == shared
+    assert shared  # the split repeats some captions (synth's plainest phrasing), so the rule is exercised
     assert main(["mine", "--checkpoint", str(tiny_checkpoint), "--data", str(test_split_dir), "--out", str(out),
                  "--k", "0"]) == 2
     assert capsys.readouterr().err.strip() == "error: --k must be positive, not 0"

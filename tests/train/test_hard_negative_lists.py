@@ -66,6 +66,41 @@ def test_neither_the_positive_nor_a_duplicate_of_it_is_mined(tmp_path, tiny_text
     assert (hard.key[:6] == np.arange(6)).all() and (hard.key[6:] == np.arange(6)).all()
 
 
+def _with_shared_captions(out, n=10):
+    """n images; every even one has the caption "a shape on grey" (in its own case and spacing) beside its own."""
+    rng = np.random.default_rng(1)
+    box = np.array([[0.1, 0.1, 0.5, 0.5]] * 4, np.float32)
+    with DatasetWriter(out, feature_dim=D, source="test", split="train", shard_size=4, command="pytest") as w:
+        for k in range(n):
+            shared = ["A shape  on grey", "a shape on grey"][k % 4 // 2] if k % 2 == 0 else f"picture {k} alone"
+            meta = {"image_id": f"img{k}", "captions": [shared, f"picture {k} second"], "split": "train",
+                    "source": "test"}
+            w.write(rng.standard_normal((4, D)).astype(np.float16), box, meta)
+    return out
+
+
+def test_exclude_same_text_never_mines_an_image_that_says_the_query_caption(tmp_path, tiny_text_encoder, caplog):
+    data = _with_shared_captions(tmp_path / "shared")
+    tok, model = _model(tiny_text_encoder)
+    holders = {0, 2, 4, 6, 8}  # the images holding "a shape on grey"
+    # the whole pool (all 9 other images; all 18 other captions): what the rule keeps out shows
+    every = _hard(data, tok, num_hard_negatives=9, sampling="top")
+    _mine(every, model)
+    assert holders - {0} <= set(every.txt2img[0].tolist())  # caption 0 is image 0's "a shape on grey"
+    with caplog.at_level("INFO", logger="ldot.train"):
+        hard = _hard(data, tok, num_hard_negatives=5, sampling="top", pool=9, exclude_same_text=True)
+    assert "5 of 20 captions share their text with another image" in caplog.text
+    _mine(hard, model)
+    for c in range(20):
+        image = int(hard.caption_image[c])
+        expect_out = holders if (c % 2 == 0 and image in holders) else {image}
+        assert not expect_out & set(hard.txt2img[c].tolist()), (c, hard.txt2img[c])
+    for r in range(10):
+        words = {hard.split.captions[c].lower().replace("  ", " ") for c in hard.img2txt[r]}
+        assert r not in holders or "a shape on grey" not in words, (r, words)  # a text image r holds
+        assert not (hard.caption_image[hard.img2txt[r]] == r).any()
+
+
 def test_a_pool_too_small_for_k_is_refused(tmp_path, tiny_text_encoder):
     data = _with_duplicates(tmp_path / "dup")
     tok, _ = _model(tiny_text_encoder)
