@@ -95,6 +95,19 @@ def mine(top: TopK, caption_image, k: int, image_key=None, text_key=None) -> dic
     return {"txt2img_ids": t_ids, "txt2img_scores": t_scores, "img2txt_ids": i_ids, "img2txt_scores": i_scores}
 
 
+def same_text_fractions(mined: dict[str, np.ndarray], text_key, caption_image) -> tuple[float, float]:
+    """Of mine()'s caption -> image negatives, the fraction whose image holds a caption of the query's text; of its
+    image -> caption negatives, the fraction that say one of the query image's own captions verbatim (mined
+    with text_key, both are 0). Every caption and every image a query, in order, as `ldot eval mine` has it."""
+    cap_img, texts = np.asarray(caption_image), np.asarray(text_key, np.int64)
+    t_ids, i_ids = mined["txt2img_ids"], mined["img2txt_ids"]
+    key = np.arange(max(int(cap_img.max()), int(t_ids.max()), len(i_ids) - 1) + 1)
+    said, n = _said(texts, cap_img, key)
+    t_hit = np.isin(texts[:, None] * n + np.maximum(t_ids, 0), said)[t_ids >= 0]
+    i_hit = np.isin(texts[np.maximum(i_ids, 0)] * n + np.arange(len(i_ids))[:, None], said)[i_ids >= 0]
+    return float(t_hit.mean()) if t_hit.size else 0.0, float(i_hit.mean()) if i_hit.size else 0.0
+
+
 def positive_ranks(top: TopK, caption_image) -> np.ndarray:
     """Per caption query, the 1-based rank of its own image in its row (0: not in the row)."""
     own = np.asarray(caption_image)[top.ir_query]

@@ -34,7 +34,8 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ldot.data.loader import load_eval_split
     from ldot.eval.errors import EvalError
-    from ldot.eval.hard_negatives import mine, positive_ranks, shared_texts, skip_depth, text_keys, write_jsonl
+    from ldot.eval.hard_negatives import (mine, positive_ranks, same_text_fractions, shared_texts, skip_depth,
+                                          text_keys, write_jsonl)
     from ldot.eval.index import gpu_available
     from ldot.eval.recall import encode_split, topk_from_embeddings
     from ldot.eval.recall_cmd import rank_world_device
@@ -65,6 +66,8 @@ def run(args) -> int:
     ranks = positive_ranks(top, split.caption_image)
     own = np.einsum("ij,ij->i", text_emb, image_emb[split.caption_image])
     hardest = mined["txt2img_scores"][:, 0]
+    said_t2i, said_i2t = same_text_fractions(mined, texts if texts is not None else text_keys(split.captions),
+                                             split.caption_image)
     summary = {"checkpoint": str(args.checkpoint), "data": str(args.data), "k": args.k,
                "num_images": split.num_images, "num_captions": len(split.captions),
                "captions_whose_image_ranks_first": round(float(np.mean(ranks == 1)), 4),
@@ -73,6 +76,9 @@ def run(args) -> int:
                "exclude_same_text": args.exclude_same_text,
                "captions_sharing_their_text_with_another_image":
                    None if texts is None else int(shared_texts(texts, split.caption_image).sum()),
+               # matches by the words alone among what was mined: what --exclude-same-text would drop
+               "txt2img_negatives_holding_the_query_text": round(said_t2i, 4),
+               "img2txt_negatives_saying_an_own_caption": round(said_i2t, 4),
                "files": [str(f) for f in files], "seconds": round(time.perf_counter() - t0, 2)}
     summary_path = Path(args.out) / "mine.json"
     summary_path.write_text(json.dumps(summary, indent=2))
@@ -80,5 +86,9 @@ def run(args) -> int:
           f"of {args.data} in {summary['seconds']:.1f} s; "
           f"{100 * summary['captions_with_a_negative_above_their_image']:.1f}% of captions rank a negative above "
           f"their own image")
+    if not args.exclude_same_text and said_t2i + said_i2t > 0:
+        print(f"{100 * said_t2i:.1f}% of the caption negatives hold the caption's very text, {100 * said_i2t:.1f}% of "
+              "the image negatives say one of the image's own captions: matches by the words alone "
+              "(--exclude-same-text leaves them out)")
     print("written: " + ", ".join(map(str, [*files, summary_path])))
     return 0

@@ -244,6 +244,7 @@ def test_mine_writes_each_querys_top_non_matches(tmp_path, tiny_checkpoint, embe
     summary = json.loads((out / "mine.json").read_text())
     shared = sum(sum(words[c] in h for h in holds) > 1 for c in range(len(words)))
     assert summary["exclude_same_text"] is True and summary["captions_sharing_their_text_with_another_image"] == shared
+    assert summary["txt2img_negatives_holding_the_query_text"] == summary["img2txt_negatives_saying_an_own_caption"] == 0
     assert shared  # the split repeats some captions (synth's plainest phrasing), so the rule is exercised
     assert main(["mine", "--checkpoint", str(tiny_checkpoint), "--data", str(test_split_dir), "--out", str(out),
                  "--k", "0"]) == 2

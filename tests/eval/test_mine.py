@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from ldot.eval.hard_negatives import mine, positive_ranks, shared_texts, skip_depth, text_keys
+from ldot.eval.hard_negatives import (mine, positive_ranks, same_text_fractions, shared_texts, skip_depth,
+                                      text_keys)
 from ldot.eval.recall import topk_from_embeddings
 
 
@@ -85,5 +86,10 @@ def test_same_text_matches_are_not_mined_and_the_depth_leaves_k():
     # the rule bites: without it some generic caption's top k holds an image that says its very words
     plain = mine(topk_from_embeddings(text, image, cap_img, k + depth), cap_img, k)
     assert any(norm[c] in holds[i] for c, row in enumerate(plain["txt2img_ids"]) for i in row)
+    # how many such matches plain mining holds, both ways (what `ldot eval mine` reports); none once excluded
+    said_t2i = np.mean([norm[c] in holds[i] for c, row in enumerate(plain["txt2img_ids"]) for i in row])
+    said_i2t = np.mean([norm[c] in holds[r] for r, row in enumerate(plain["img2txt_ids"]) for c in row])
+    assert same_text_fractions(plain, keys, cap_img) == pytest.approx((said_t2i, said_i2t)) and said_i2t > 0
+    assert same_text_fractions(got, keys, cap_img) == (0.0, 0.0)
     shared = shared_texts(keys, cap_img)
     assert shared.tolist() == [sum(norm[c] in h for h in holds) > 1 for c in range(len(cap_img))] and shared.any()
