@@ -82,18 +82,17 @@ def build_cross_encoder(model_cfg: ModelConfig, rerank_cfg: RerankConfig, featur
                               f"the data has {feature_dim}")
         if len(tokenizer) > model.config.vocab_size:
             raise ConfigError(f"model.tokenizer: {len(tokenizer)} tokens, rerank.uniter embeds {model.config.vocab_size}")
-    elif rerank_cfg.init_from and read_export_meta(rerank_cfg.init_from).get("format") == CROSS_FORMAT:
-        # its own dropout, as UNITER's starts keep UNITER's: the export's config holds it
-        tokenizer, model, meta = load_cross_encoder(rerank_cfg.init_from)
-        if meta.get("feature_dim", feature_dim) != feature_dim:
-            raise ConfigError(f"rerank.init_from={rerank_cfg.init_from} was trained on {meta['feature_dim']}-d "
-                              f"features, the data has {feature_dim}")
     elif rerank_cfg.init_from:
-        tokenizer, dual, meta = load_dual_encoder(rerank_cfg.init_from)
+        meta = read_export_meta(rerank_cfg.init_from)
         if meta.get("feature_dim", feature_dim) != feature_dim:
             raise ConfigError(f"rerank.init_from={rerank_cfg.init_from} was trained on {meta['feature_dim']}-d "
                               f"features, the data has {feature_dim}")
-        model = cross_encoder_from_dual_encoder(dual, dropout=model_cfg.dropout)
+        if meta.get("format") == CROSS_FORMAT:
+            # its own dropout, as UNITER's starts keep UNITER's: the export's config holds it
+            tokenizer, model, _ = load_cross_encoder(rerank_cfg.init_from)
+        else:
+            tokenizer, dual, _ = load_dual_encoder(rerank_cfg.init_from)
+            model = cross_encoder_from_dual_encoder(dual, dropout=model_cfg.dropout)
     else:
         text, tokenizer = _text_encoder(model_cfg)
         model = cross_encoder_from_bert(text, feature_dim)

@@ -67,6 +67,14 @@ def test_init_from_an_export_starts_from_its_weights(tmp_path, tiny_text_encoder
     from ldot.train.errors import ConfigError
     with pytest.raises(ConfigError, match="24-d features"):
         build_dual_encoder(ModelConfig(init_from=str(tmp_path / "pre")), LossConfig(), feature_dim=99)
+    # a re-ranker started from this dual encoder: the same check, before any weights load
+    from ldot.train.config import RerankConfig
+    from ldot.train.model_setup import build_cross_encoder
+    _, cross = build_cross_encoder(ModelConfig(), RerankConfig(mined="m", init_from=str(tmp_path / "pre")), 24)
+    regions = {k: v for k, v in model.image.embeddings.state_dict().items() if not k.startswith("cls")}
+    assert regions and all(torch.equal(cross.img_embeddings.state_dict()[k], v) for k, v in regions.items())
+    with pytest.raises(ConfigError, match="was trained on 24-d features, the data has 99"):
+        build_cross_encoder(ModelConfig(), RerankConfig(mined="m", init_from=str(tmp_path / "pre")), 99)
 
 
 def test_text_encoder_from_config_only_has_fresh_weights(tiny_text_encoder):
