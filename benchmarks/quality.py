@@ -71,7 +71,7 @@ class Context:
     itm_lists: str = "curriculum"  # that stage's negatives: "mined" (K=2 mined + R=2 random), "random" (R=4, as UNITER's
                               # ITM) or "curriculum" (random for its first itm_random_steps, then mined)
     itm_random_steps: int = 300
-    hard_exclude_same_text: bool = False  # the hard row's hard_negatives.exclude_same_text
+    hard_exclude_same_text: bool = True  # the hard row's hard_negatives.exclude_same_text
     train_seconds: dict[str, float] = field(default_factory=dict)
     reused: set[str] = field(default_factory=set)
     mined: set[Path] = field(default_factory=set)  # mined by this invocation
@@ -213,7 +213,8 @@ def finetune_only(ctx: Context) -> Result:
 
 def hard_negatives(ctx: Context) -> Result:
     """The same, with K hard images per caption and K hard captions per image beside the in-batch negatives,
-    re-mined by the current model at the start of every epoch after the first (the original's schedule)."""
+    re-mined by the current model at the start of every epoch after the first (the original's schedule);
+    never an image holding a caption of the query's very text (unless --hard-keep-same-text, as the original)."""
     k = ctx.hard_negatives
     # its own run name, so that both variants' runs stay under one --out
     name, extra = ("hard-same-text-excluded", ["hard_negatives.exclude_same_text=true"]) \
@@ -381,8 +382,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=200, help="fine-tuning steps of every row (the demo's)")
     p.add_argument("--pretrain-steps", type=int, default=300)
     p.add_argument("--hard-negatives", type=int, default=2, help="K of the hard-negative row")
-    p.add_argument("--hard-exclude-same-text", action="store_true",
-                   help="the hard row mines with hard_negatives.exclude_same_text=true (run hard-same-text-excluded)")
+    p.add_argument("--hard-keep-same-text", action="store_true",
+                   help="the hard row mines as the original does, same-text matches included (run hard; by default "
+                        "hard_negatives.exclude_same_text=true, run hard-same-text-excluded: RESULTS.md, 07:44)")
     p.add_argument("--rerank-steps", type=int, default=400, help="training steps of the re-ranker row")
     p.add_argument("--itm-steps", type=int, default=800,
                    help="the rerank-itm row's steps on the pretraining scenes' lists (400 lost to the first stage alone, "
@@ -425,7 +427,7 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         ctx = Context(args.out, data, pretrain_data, seen / "train", val / "train", seed, args.steps, args.pretrain_steps, args.nproc,
                       args.hard_negatives, args.rerank_steps, args.reuse, args.relations, args.itm_steps,
-                      args.itm_lr, args.itm_lists, args.itm_random_steps, args.hard_exclude_same_text)
+                      args.itm_lr, args.itm_lists, args.itm_random_steps, not args.hard_keep_same_text)
         for row in ROWS:
             if row.key in args.rows:
                 r = row.run(ctx)
