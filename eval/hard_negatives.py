@@ -80,13 +80,13 @@ def mine(top: TopK, caption_image, k: int, image_key=None, text_key=None) -> dic
     cap_img = np.asarray(caption_image)
     key = np.arange(top.num_images) if image_key is None else np.asarray(image_key)
     own_image = key[cap_img[top.ir_query]]
-    ir_pos = np.where(top.ir_ids >= 0, key[np.maximum(top.ir_ids, 0)], -1) == own_image[:, None]
+    ir_key = np.where(top.ir_ids >= 0, key[np.maximum(top.ir_ids, 0)], -1)  # -1: padding
+    ir_pos = ir_key == own_image[:, None]
     owner = np.where(top.tr_ids >= 0, key[cap_img[np.maximum(top.tr_ids, 0)]], -1)
     tr_pos = owner == key[top.tr_query][:, None]
     if text_key is not None:
         texts = np.asarray(text_key, np.int64)
         said, n = _said(texts, cap_img, key)
-        ir_key = np.where(top.ir_ids >= 0, key[np.maximum(top.ir_ids, 0)], -1)
         ir_pos |= (ir_key >= 0) & np.isin(texts[top.ir_query][:, None] * n + ir_key, said)
         tr_text = np.where(top.tr_ids >= 0, texts[np.maximum(top.tr_ids, 0)], -1)
         tr_pos |= (tr_text >= 0) & np.isin(tr_text * n + key[top.tr_query][:, None], said)
