@@ -72,9 +72,14 @@ class Context:
                               # ITM) or "curriculum" (random for its first itm_random_steps, then mined)
     itm_random_steps: int = 300
     hard_exclude_same_text: bool = True  # the hard row's hard_negatives.exclude_same_text
+    start: str | None = None  # --start: the dual-encoder export the finetune and hard rows fine-tune from ({seed} filled)
     train_seconds: dict[str, float] = field(default_factory=dict)
     reused: set[str] = field(default_factory=set)
     mined: set[Path] = field(default_factory=set)  # mined by this invocation
+
+    def start_from(self) -> tuple[str, ...]:
+        """The finetune and hard rows' model.init_from override under --start (none without it)."""
+        return (f"model.init_from={self.start.format(seed=self.seed)}",) if self.start else ()
 
     def train(self, name: str, *overrides: str, config: Path = DEMO, steps: int | None = None) -> Path:
         """`ldot train` (demo.yaml, or `config`, + the row's overrides) on nproc ranks; returns the export directory."""
@@ -208,7 +213,7 @@ def recalls(pair: tuple[dict, dict]) -> tuple[dict, dict]:
 
 def finetune_only(ctx: Context) -> Result:
     """Today's demo recipe: CMR with in-batch negatives over the global batch."""
-    return Result(*recalls(ctx.recall(ctx.train("finetune"))), ("finetune",))
+    return Result(*recalls(ctx.recall(ctx.train("finetune", *ctx.start_from()))), ("finetune",))
 
 
 def hard_negatives(ctx: Context) -> Result:
@@ -219,7 +224,7 @@ def hard_negatives(ctx: Context) -> Result:
     # its own run name, so that both variants' runs stay under one --out
     name, extra = ("hard-same-text-excluded", ["hard_negatives.exclude_same_text=true"]) \
         if ctx.hard_exclude_same_text else ("hard", [])
-    final = ctx.train(name, f"hard_negatives.num_hard_negatives={k}", *extra)
+    final = ctx.train(name, f"hard_negatives.num_hard_negatives={k}", *extra, *ctx.start_from())
     return Result(*recalls(ctx.recall(final)), (name,),
                   f"K={k} a direction, drawn from the top 50, re-mined every epoch after the first"
                   f"{'; never an image holding a caption of the query text (exclude_same_text)' if extra else ''};"
@@ -399,6 +404,9 @@ def main(argv=None) -> int:
                         "seeds measured, RESULTS.md, quality)")
     p.add_argument("--itm-random-steps", type=int, default=300,
                    help="with --itm-lists curriculum: the ITM stage's first steps, on random lists (of --itm-steps)")
+    p.add_argument("--start", help="a dual-encoder export the finetune and hard rows (and the re-ranker rows' first "
+                                   "stage) fine-tune from, '{seed}' replaced by the seed: e.g. another invocation's "
+                                   "trained run, to compare the rows where plain fine-tuning has flattened")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--reuse", action="store_true", help="keep runs whose export exists under --out")
     p.add_argument("--no-record", action="store_true", help="print the table only, not into RESULTS.md")
@@ -407,6 +415,12 @@ def main(argv=None) -> int:
     if "rerank-itm" in args.rows and args.itm_lists == "curriculum" and not 0 < args.itm_random_steps < itm_total:
         # refused here, before any data is made or first stage trained (exit 2)
         p.error(f"--itm-random-steps must be in (0, {itm_total}) (the ITM stage's steps), got {args.itm_random_steps}")
+    if args.start:
+        if "pretrained" in args.rows:  # that row's fine-tuning starts from its own pretraining
+            p.error("--start excludes the pretrained row (its fine-tuning starts from its pretraining)")
+        for seed in args.seeds:  # refused before any data is made or run trained (exit 2)
+            if not (Path(args.start.format(seed=seed)) / "ldot.json").is_file():
+                p.error(f"--start {args.start.format(seed=seed)}: not an ldot export (no ldot.json)")
 
     t0 = time.perf_counter()
     args.out = args.out or ROOT / "out" / ("quality-relations" if args.relations else "quality")
@@ -427,7 +441,7 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         ctx = Context(args.out, data, pretrain_data, seen / "train", val / "train", seed, args.steps, args.pretrain_steps, args.nproc,
                       args.hard_negatives, args.rerank_steps, args.reuse, args.relations, args.itm_steps,
-                      args.itm_lr, args.itm_lists, args.itm_random_steps, not args.hard_keep_same_text)
+                      args.itm_lr, args.itm_lists, args.itm_random_steps, not args.hard_keep_same_text, args.start)
         for row in ROWS:
             if row.key in args.rows:
                 r = row.run(ctx)
@@ -442,6 +456,7 @@ def main(argv=None) -> int:
     notes.append(f"- each row fine-tunes {args.steps} steps of demo.yaml (global batch 32, {args.nproc} ranks) on "
                  f"{args.images} scenes" + (" of the relations set (two objects; every scene beside its twin with places "
                                             "or colours swapped; captions name the relation only)" if args.relations else "")
+                 + (f", starting from {args.start}" if args.start else "")
                  + f"; test: {args.test_images} scenes with held-out colour x shape pairs; seen pairs: "
                  f"{args.seen_images} new scenes of the training pairs (seed 2); chance AR "
                  f"{100 * chance:.1f}; seeds {', '.join(map(str, args.seeds))}" + (" (mean ± half the range)"
