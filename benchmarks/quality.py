@@ -10,6 +10,8 @@ that fails to generalize over compositions from one that fails on new scenes of 
     python benchmarks/quality.py --rows finetune hard           # some rows (a row's dependencies run too)
     python benchmarks/quality.py --seeds 0 1                    # each row once per seed (mean and spread)
     python benchmarks/quality.py --relations                    # on the relations set (out/quality-relations)
+    python benchmarks/quality.py --rows finetune hard --start 'out/quality-800/runs/finetune-seed{seed}/checkpoints/final'
+                                                                # both rows continue a trained model (--out elsewhere)
 
 The relations set (`ldot data synth --relations`, data/synth.py) is the issue's richer data: two-object
 scenes each beside a twin with the objects' places or colours swapped, captioned by their relation only,
