@@ -6,7 +6,8 @@ shape pair that training never shows (compositional generalization, not memory).
 scenes of the training compositions (another seed's scenes, no held-out pair: `--seen-images`), which tells a row
 that fails to generalize over compositions from one that fails on new scenes of what it was trained on.
 
-    python benchmarks/quality.py                                # every row, ~40 min on 2 CPU cores
+    python benchmarks/quality.py                                # every row, about 2.5 h on 2 CPU cores (the
+                                                                # rerank-itm row's ITM stage over an hour of it)
     python benchmarks/quality.py --rows finetune hard           # some rows (a row's dependencies run too)
     python benchmarks/quality.py --seeds 0 1                    # each row once per seed (mean and spread)
     python benchmarks/quality.py --relations                    # on the relations set (out/quality-relations)
