@@ -84,6 +84,10 @@ class Context:
         """The finetune and hard rows' model.init_from override under --start (none without it)."""
         return (f"model.init_from={self.start.format(seed=self.seed)}",) if self.start else ()
 
+    def finetuned(self) -> Path:
+        """The fine-tuned-only dual encoder (the finetune row, and the re-ranker rows' first stage): one run."""
+        return self.train("finetune", *self.start_from())
+
     def train(self, name: str, *overrides: str, config: Path = DEMO, steps: int | None = None) -> Path:
         """`ldot train` (demo.yaml, or `config`, + the row's overrides) on nproc ranks; returns the export directory."""
         run = self.out / "runs" / f"{name}-seed{self.seed}"
@@ -216,7 +220,7 @@ def recalls(pair: tuple[dict, dict]) -> tuple[dict, dict]:
 
 def finetune_only(ctx: Context) -> Result:
     """Today's demo recipe: CMR with in-batch negatives over the global batch."""
-    return Result(*recalls(ctx.recall(ctx.train("finetune", *ctx.start_from()))), ("finetune",))
+    return Result(*recalls(ctx.recall(ctx.finetuned())), ("finetune",))
 
 
 def hard_negatives(ctx: Context) -> Result:
@@ -247,7 +251,7 @@ def pretrained_then_finetuned(ctx: Context) -> Result:
 def reranked_top20(ctx: Context) -> Result:
     """The fine-tuned-only dual encoder's top 20 re-ranked by the cross-attention re-ranker (rerank-demo.yaml),
     trained on that dual encoder's negatives mined on the training split."""
-    first = ctx.train("finetune")
+    first = ctx.finetuned()
     mined = ctx.mine(first)
     reranker = ctx.train("rerank", f"rerank.mined={mined}", f"rerank.init_from={first}", "rerank.layers=2",
                          config=RERANK, steps=ctx.rerank_steps)
@@ -268,7 +272,7 @@ def reranked_after_itm(ctx: Context) -> Result:
     every seed learns at once), then the rest on the mined lists, started from the first's export (RESULTS.md,
     quality: mined lists alone stall on some seeds, random lists alone teach too little of what the mined
     second stage needs)."""
-    first = ctx.train("finetune")
+    first = ctx.finetuned()
     pre = ctx.pretrain_data / "train"
     total = steps = ctx.itm_steps or ctx.rerank_steps
     random_lists = ["rerank.negatives=0", "rerank.random=4"]
@@ -421,6 +425,8 @@ def main(argv=None) -> int:
     if args.start:
         if "pretrained" in args.rows:  # that row's fine-tuning starts from its own pretraining
             p.error("--start excludes the pretrained row (its fine-tuning starts from its pretraining)")
+        # absolute, as the runs' cwd is the repository root, not necessarily this invocation's
+        args.start = os.path.abspath(args.start)
         for seed in args.seeds:  # refused before any data is made or run trained (exit 2)
             if not (Path(args.start.format(seed=seed)) / "ldot.json").is_file():
                 p.error(f"--start {args.start.format(seed=seed)}: not an ldot export (no ldot.json)")
