@@ -75,14 +75,14 @@ class Context:
                               # ITM) or "curriculum" (random for its first itm_random_steps, then mined)
     itm_random_steps: int = 300
     hard_exclude_same_text: bool = True  # the hard row's hard_negatives.exclude_same_text
-    start: str | None = None  # --start: the dual-encoder export the finetune and hard rows fine-tune from ({seed} filled)
+    start: str | None = None  # --start for this seed: the dual-encoder export the finetune and hard rows fine-tune from
     train_seconds: dict[str, float] = field(default_factory=dict)
     reused: set[str] = field(default_factory=set)
     mined: set[Path] = field(default_factory=set)  # mined by this invocation
 
     def start_from(self) -> tuple[str, ...]:
         """The finetune and hard rows' model.init_from override under --start (none without it)."""
-        return (f"model.init_from={self.start.format(seed=self.seed)}",) if self.start else ()
+        return (f"model.init_from={self.start}",) if self.start else ()
 
     def finetuned(self) -> Path:
         """The fine-tuned-only dual encoder (the finetune row, and the re-ranker rows' first stage): one run."""
@@ -422,14 +422,16 @@ def main(argv=None) -> int:
     if "rerank-itm" in args.rows and args.itm_lists == "curriculum" and not 0 < args.itm_random_steps < itm_total:
         # refused here, before any data is made or first stage trained (exit 2)
         p.error(f"--itm-random-steps must be in (0, {itm_total}) (the ITM stage's steps), got {args.itm_random_steps}")
+    starts: dict[int, str] = {}  # --start per seed
     if args.start:
         if "pretrained" in args.rows:  # that row's fine-tuning starts from its own pretraining
             p.error("--start excludes the pretrained row (its fine-tuning starts from its pretraining)")
-        # absolute, as the runs' cwd is the repository root, not necessarily this invocation's
-        args.start = os.path.abspath(args.start)
         for seed in args.seeds:  # refused before any data is made or run trained (exit 2)
-            if not (Path(args.start.format(seed=seed)) / "ldot.json").is_file():
-                p.error(f"--start {args.start.format(seed=seed)}: not an ldot export (no ldot.json)")
+            # absolute, as the runs' cwd is the repository root, not necessarily this invocation's; replace(), not
+            # format(), so that other braces in a path are kept as they are
+            starts[seed] = os.path.abspath(args.start.replace("{seed}", str(seed)))
+            if not (Path(starts[seed]) / "ldot.json").is_file():
+                p.error(f"--start {starts[seed]}: not an ldot export (no ldot.json)")
 
     t0 = time.perf_counter()
     args.out = args.out or ROOT / "out" / ("quality-relations" if args.relations else "quality")
@@ -450,7 +452,7 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         ctx = Context(args.out, data, pretrain_data, seen / "train", val / "train", seed, args.steps, args.pretrain_steps, args.nproc,
                       args.hard_negatives, args.rerank_steps, args.reuse, args.relations, args.itm_steps,
-                      args.itm_lr, args.itm_lists, args.itm_random_steps, not args.hard_keep_same_text, args.start)
+                      args.itm_lr, args.itm_lists, args.itm_random_steps, not args.hard_keep_same_text, starts.get(seed))
         for row in ROWS:
             if row.key in args.rows:
                 r = row.run(ctx)
