@@ -33,7 +33,7 @@ demo: setup
 	$(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m ldot.train --config train/configs/demo.yaml \
 		output_dir=$(DEMO_OUT)/run data.train=$(DEMO_OUT)/data/train; \
 	$(BIN)/ldot eval mine --checkpoint $(DEMO_OUT)/run/checkpoints/final --data $(DEMO_OUT)/data/train \
-		--out $(DEMO_OUT)/mined --k 20; \
+		--out $(DEMO_OUT)/mined --k 20 --exclude-same-text; \
 	$(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m ldot.train --config train/configs/rerank-demo.yaml \
 		output_dir=$(DEMO_OUT)/rerank data.train=$(DEMO_OUT)/data/train rerank.mined=$(DEMO_OUT)/mined \
 		rerank.init_from=$(DEMO_OUT)/run/checkpoints/final; \

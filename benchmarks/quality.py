@@ -74,7 +74,8 @@ class Context:
     itm_lists: str = "curriculum"  # that stage's negatives: "mined" (K=2 mined + R=2 random), "random" (R=4, as UNITER's
                               # ITM) or "curriculum" (random for its first itm_random_steps, then mined)
     itm_random_steps: int = 300
-    hard_exclude_same_text: bool = True  # the hard row's hard_negatives.exclude_same_text
+    exclude_same_text: bool = True  # the hard row's hard_negatives.exclude_same_text, and `eval mine
+                                    # --exclude-same-text` for the re-ranker rows' lists (--keep-same-text: neither)
     start: str | None = None  # --start for this seed: the dual-encoder export the finetune and hard rows fine-tune from
     train_seconds: dict[str, float] = field(default_factory=dict)
     reused: set[str] = field(default_factory=set)
@@ -121,11 +122,15 @@ class Context:
 
     def mine(self, checkpoint: Path, k: int = 20, data: Path | None = None, name: str = "mined") -> Path:
         """`ldot eval mine` of an export on the training split (or `data`): the re-ranker's negatives; the output
-        directory (`name` beside the export's run)."""
-        out = checkpoint.parent.parent / name
+        directory (`name` beside the export's run, suffixed when same-text matches are excluded, so that --reuse
+        never takes one kind of list for the other). Excluded by default: a caption of the very words another image
+        holds is a match by its text, and as a "negative" it teaches the re-ranker to tell apart what the test
+        cannot (recall counts it wrong either way, but it is not the re-ranker's to learn)."""
+        out = checkpoint.parent.parent / (name + ("-same-text-excluded" if self.exclude_same_text else ""))
         if not ((self.reuse or out in self.mined) and (out / "mine.json").is_file()):
             cmd = [str(BIN / "ldot"), "eval", "mine", "--checkpoint", str(checkpoint), "--data",
-                   str(data or self.data / "train"), "--out", str(out), "--k", str(k)]
+                   str(data or self.data / "train"), "--out", str(out), "--k", str(k),
+                   *(["--exclude-same-text"] if self.exclude_same_text else [])]
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise SystemExit(f"error: mining with {checkpoint} failed: {proc.stderr.strip()[-2000:]}")
@@ -226,11 +231,11 @@ def finetune_only(ctx: Context) -> Result:
 def hard_negatives(ctx: Context) -> Result:
     """The same, with K hard images per caption and K hard captions per image beside the in-batch negatives,
     re-mined by the current model at the start of every epoch after the first (the original's schedule);
-    never an image holding a caption of the query's very text (unless --hard-keep-same-text, as the original)."""
+    never an image holding a caption of the query's very text (unless --keep-same-text, as the original)."""
     k = ctx.hard_negatives
     # its own run name, so that both variants' runs stay under one --out
     name, extra = ("hard-same-text-excluded", ["hard_negatives.exclude_same_text=true"]) \
-        if ctx.hard_exclude_same_text else ("hard", [])
+        if ctx.exclude_same_text else ("hard", [])
     final = ctx.train(name, f"hard_negatives.num_hard_negatives={k}", *extra, *ctx.start_from())
     return Result(*recalls(ctx.recall(final)), (name,),
                   f"K={k} a direction, drawn from the top 50, re-mined every epoch after the first"
@@ -261,7 +266,9 @@ def reranked_top20(ctx: Context) -> Result:
                   f"steps of rerank-demo.yaml (K=2 mined + R=2 random negatives a list); re-ranking the test split's "
                   f"top 20 took {pair[0]['rerank']['seconds']:.0f} s; of each training caption's top 5 mined negatives "
                   f"{100 * same_objects_share(ctx.data / 'train', mined):.1f}% show the same colour x shape objects on "
-                  f"the same background as its own image" + (" in the same relation" if ctx.relations else ""))
+                  f"the same background as its own image" + (" in the same relation" if ctx.relations else "")
+                  + ("; mined lists without same-text matches (eval mine --exclude-same-text)"
+                     if ctx.exclude_same_text else ""))
 
 
 def reranked_after_itm(ctx: Context) -> Result:
@@ -302,7 +309,8 @@ def reranked_after_itm(ctx: Context) -> Result:
     return reranked(pair, (*stages, "rerank-itm", "rerank-after-itm"),
                     f"the re-ranker row's model and recipe, {total} steps"
                     + (f" at peak lr {ctx.itm_lr:g}" if ctx.itm_lr else "") + f" {lists}"
-                    + f", then {ctx.rerank_steps} on the fine-tuning set's")
+                    + f", then {ctx.rerank_steps} on the fine-tuning set's"
+                    + ("; mined lists without same-text matches" if ctx.exclude_same_text else ""))
 
 
 @dataclass(frozen=True)
@@ -394,9 +402,11 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=200, help="fine-tuning steps of every row (the demo's)")
     p.add_argument("--pretrain-steps", type=int, default=300)
     p.add_argument("--hard-negatives", type=int, default=2, help="K of the hard-negative row")
-    p.add_argument("--hard-keep-same-text", action="store_true",
-                   help="the hard row mines as the original does, same-text matches included (run hard; by default "
-                        "hard_negatives.exclude_same_text=true, run hard-same-text-excluded: RESULTS.md, 07:44)")
+    p.add_argument("--keep-same-text", action="store_true",
+                   help="mine as the original does, same-text matches included: the hard row (run hard; by default "
+                        "hard_negatives.exclude_same_text=true, run hard-same-text-excluded: RESULTS.md, 07:44) and "
+                        "the re-ranker rows' lists (by default `eval mine --exclude-same-text`, in mined-same-text-"
+                        "excluded)")
     p.add_argument("--rerank-steps", type=int, default=400, help="training steps of the re-ranker row")
     p.add_argument("--itm-steps", type=int, default=800,
                    help="the rerank-itm row's steps on the pretraining scenes' lists (400 lost to the first stage alone, "
@@ -452,7 +462,7 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         ctx = Context(args.out, data, pretrain_data, seen / "train", val / "train", seed, args.steps, args.pretrain_steps, args.nproc,
                       args.hard_negatives, args.rerank_steps, args.reuse, args.relations, args.itm_steps,
-                      args.itm_lr, args.itm_lists, args.itm_random_steps, not args.hard_keep_same_text, starts.get(seed))
+                      args.itm_lr, args.itm_lists, args.itm_random_steps, not args.keep_same_text, starts.get(seed))
         for row in ROWS:
             if row.key in args.rows:
                 r = row.run(ctx)

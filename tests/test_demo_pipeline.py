@@ -37,7 +37,7 @@ def demo(tmp_path_factory, tiny_shards):
     ckpt = run / "checkpoints" / "final"
     # the re-ranker as train/configs/rerank-demo.yaml trains it (mined on the training split), a few steps here
     _run([sys.executable, "-m", "ldot.eval", "mine", "--checkpoint", str(ckpt), "--data", str(data / "train"),
-          "--out", str(out / "mined"), "--k", "20"])
+          "--out", str(out / "mined"), "--k", "20", "--exclude-same-text"])
     _run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "ldot.train",
           "--config", "train/configs/rerank-demo.yaml", f"output_dir={out / 'rerank'}", f"data.train={data / 'train'}",
           f"rerank.mined={out / 'mined'}", f"rerank.init_from={ckpt}", "optim.max_steps=4",
