@@ -123,9 +123,8 @@ class Context:
     def mine(self, checkpoint: Path, k: int = 20, data: Path | None = None, name: str = "mined") -> Path:
         """`ldot eval mine` of an export on the training split (or `data`): the re-ranker's negatives; the output
         directory (`name` beside the export's run, suffixed when same-text matches are excluded, so that --reuse
-        never takes one kind of list for the other). Excluded by default: a caption of the very words another image
-        holds is a match by its text, and as a "negative" it teaches the re-ranker to tell apart what the test
-        cannot (recall counts it wrong either way, but it is not the re-ranker's to learn)."""
+        never takes one kind of list for the other). Excluded by default: an image that holds a caption of the query's
+        very words matches the query, so as a "negative" it would ask the re-ranker to score a true match low."""
         out = checkpoint.parent.parent / (name + ("-same-text-excluded" if self.exclude_same_text else ""))
         if not ((self.reuse or out in self.mined) and (out / "mine.json").is_file()):
             cmd = [str(BIN / "ldot"), "eval", "mine", "--checkpoint", str(checkpoint), "--data",
