@@ -6,8 +6,10 @@ shape pair that training never shows (compositional generalization, not memory).
 scenes of the training compositions (another seed's scenes, no held-out pair: `--seen-images`), which tells a row
 that fails to generalize over compositions from one that fails on new scenes of what it was trained on.
 
-    python benchmarks/quality.py                                # every row, about 2.5 h on 2 CPU cores (the
-                                                                # rerank-itm row's ITM stage over an hour of it)
+    python benchmarks/quality.py                                # the issue's four rows (finetune, hard, pretrained,
+                                                                # rerank-itm): training under an hour in all on 2
+                                                                # idle CPU cores, the re-ranker in bf16 (RESULTS.md)
+    python benchmarks/quality.py --rows rerank                  # the re-ranker without its ITM stage (the ablation)
     python benchmarks/quality.py --rows finetune hard           # some rows (a row's dependencies run too)
     python benchmarks/quality.py --seeds 0 1                    # each row once per seed (mean and spread)
     python benchmarks/quality.py --relations                    # on the relations set (out/quality-relations)
@@ -77,6 +79,7 @@ class Context:
     exclude_same_text: bool = True  # the hard row's hard_negatives.exclude_same_text, and `eval mine
                                     # --exclude-same-text` for the re-ranker rows' lists (--keep-same-text: neither)
     start: str | None = None  # --start for this seed: the dual-encoder export the finetune and hard rows fine-tune from
+    rerank_precision: str = "bf16"  # the re-ranker trainings' engine.precision (fp32: no override, as runs before it)
     train_seconds: dict[str, float] = field(default_factory=dict)
     reused: set[str] = field(default_factory=set)
     mined: set[Path] = field(default_factory=set)  # mined by this invocation
@@ -84,6 +87,13 @@ class Context:
     def start_from(self) -> tuple[str, ...]:
         """The finetune and hard rows' model.init_from override under --start (none without it)."""
         return (f"model.init_from={self.start}",) if self.start else ()
+
+    def rerank_train(self, name: str, *overrides: str, steps: int, then: tuple[str, ...] = ()) -> Path:
+        """A re-ranker training (rerank-demo.yaml, 2 layers, at rerank_precision): every re-ranker row's stages.
+        The overrides, "rerank.layers=2" and `then` keep the order of the runs recorded before this helper, so that
+        --reuse with --rerank-precision fp32 recognizes them."""
+        precision = () if self.rerank_precision == "fp32" else (f"engine.precision={self.rerank_precision}",)
+        return self.train(name, *overrides, "rerank.layers=2", *then, *precision, config=RERANK, steps=steps)
 
     def finetuned(self) -> Path:
         """The fine-tuned-only dual encoder (the finetune row, and the re-ranker rows' first stage): one run."""
@@ -257,15 +267,15 @@ def reranked_top20(ctx: Context) -> Result:
     trained on that dual encoder's negatives mined on the training split."""
     first = ctx.finetuned()
     mined = ctx.mine(first)
-    reranker = ctx.train("rerank", f"rerank.mined={mined}", f"rerank.init_from={first}", "rerank.layers=2",
-                         config=RERANK, steps=ctx.rerank_steps)
+    reranker = ctx.rerank_train("rerank", f"rerank.mined={mined}", f"rerank.init_from={first}", steps=ctx.rerank_steps)
     pair = ctx.rerank_recall(first, reranker, tag="-rerank")
     return reranked(pair, ("finetune", "rerank"),
                   f"2-layer cross-encoder from the dual encoder's text side and region embeddings, {ctx.rerank_steps} "
-                  f"steps of rerank-demo.yaml (K=2 mined + R=2 random negatives a list); re-ranking the test split's "
-                  f"top 20 took {pair[0]['rerank']['seconds']:.0f} s; of each training caption's top 5 mined negatives "
-                  f"{100 * same_objects_share(ctx.data / 'train', mined):.1f}% show the same colour x shape objects on "
-                  f"the same background as its own image" + (" in the same relation" if ctx.relations else "")
+                  f"steps of rerank-demo.yaml (K=2 mined + R=2 random negatives a list) in {ctx.rerank_precision}; "
+                  f"re-ranking the test split's top 20 took {pair[0]['rerank']['seconds']:.0f} s; of each training "
+                  f"caption's top 5 mined negatives {100 * same_objects_share(ctx.data / 'train', mined):.1f}% show "
+                  f"the same colour x shape objects on the same background as its own image"
+                  + (" in the same relation" if ctx.relations else "")
                   + ("; mined lists without same-text matches (eval mine --exclude-same-text)"
                      if ctx.exclude_same_text else ""))
 
@@ -287,9 +297,8 @@ def reranked_after_itm(ctx: Context) -> Result:
     def itm_run(name: str, init: Path, *lists: str, steps: int) -> Path:
         """An ITM run on the pretraining scenes (both of a curriculum's, with the same overrides in the same order,
         so that --reuse recognizes runs of before the curriculum)."""
-        return ctx.train(name, f"data.train={pre}", f"rerank.mined={mined_pre}", f"rerank.init_from={init}",
-                         "rerank.layers=2", *([f"optim.lr={ctx.itm_lr:g}"] if ctx.itm_lr else []), *lists,
-                         config=RERANK, steps=steps)
+        return ctx.rerank_train(name, f"data.train={pre}", f"rerank.mined={mined_pre}", f"rerank.init_from={init}",
+                                steps=steps, then=(*([f"optim.lr={ctx.itm_lr:g}"] if ctx.itm_lr else []), *lists))
 
     start, stages = first, ("finetune",)
     if ctx.itm_lists == "curriculum":  # main() checked 0 < itm_random_steps < total
@@ -297,8 +306,8 @@ def reranked_after_itm(ctx: Context) -> Result:
         stages += ("rerank-itm-random",)
         steps -= ctx.itm_random_steps
     itm = itm_run("rerank-itm", start, *(random_lists if ctx.itm_lists == "random" else []), steps=steps)
-    reranker = ctx.train("rerank-after-itm", f"rerank.mined={ctx.mine(first)}", f"rerank.init_from={itm}",
-                         "rerank.layers=2", config=RERANK, steps=ctx.rerank_steps)
+    reranker = ctx.rerank_train("rerank-after-itm", f"rerank.mined={ctx.mine(first)}", f"rerank.init_from={itm}",
+                                steps=ctx.rerank_steps)
     pair = ctx.rerank_recall(first, reranker, tag="-rerank-after-itm")
     images = json.loads((pre / "manifest.json").read_text())["num_samples"]
     lists = {"random": f"on lists of 4 random negatives (UNITER's ITM) from {images} other scenes",
@@ -308,7 +317,7 @@ def reranked_after_itm(ctx: Context) -> Result:
     return reranked(pair, (*stages, "rerank-itm", "rerank-after-itm"),
                     f"the re-ranker row's model and recipe, {total} steps"
                     + (f" at peak lr {ctx.itm_lr:g}" if ctx.itm_lr else "") + f" {lists}"
-                    + f", then {ctx.rerank_steps} on the fine-tuning set's"
+                    + f", then {ctx.rerank_steps} on the fine-tuning set's; trained and scoring in {ctx.rerank_precision}"
                     + ("; mined lists without same-text matches" if ctx.exclude_same_text else ""))
 
 
@@ -329,6 +338,8 @@ ROWS = [
     Row("rerank-itm", "dual encoder + the re-ranker ITM-trained on the pretraining scenes first, top 20",
         reranked_after_itm),
 ]
+# The issue's four rows (the re-ranker's as rerank-itm, the recipe under which it beats the first stage)
+DEFAULT_ROWS = [r.key for r in ROWS if r.key != "rerank"]
 
 
 # -- data, table, main -----------------------------------------------------------------------------------------
@@ -390,7 +401,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, help="data, runs and recall files (default out/quality, with --relations "
                                             "out/quality-relations)")
     p.add_argument("--relations", action="store_true", help="every set is the relations set (module doc)")
-    p.add_argument("--rows", nargs="+", choices=[r.key for r in ROWS], default=[r.key for r in ROWS])
+    p.add_argument("--rows", nargs="+", choices=[r.key for r in ROWS], default=DEFAULT_ROWS,
+                   help=f"default: {' '.join(DEFAULT_ROWS)} (rerank, the re-ranker without its ITM stage, is the "
+                        f"ablation that shows why that stage is there)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--images", type=int, default=1000, help="fine-tuning scenes (the demo's)")
     p.add_argument("--test-images", type=int, default=200)
@@ -407,6 +420,10 @@ def main(argv=None) -> int:
                         "the re-ranker rows' lists (by default `eval mine --exclude-same-text`, in mined-same-text-"
                         "excluded)")
     p.add_argument("--rerank-steps", type=int, default=400, help="training steps of the re-ranker row")
+    p.add_argument("--rerank-precision", choices=("bf16", "fp32"), default="bf16",
+                   help="engine.precision of the re-ranker trainings (bf16: 1.7x fp32's steps a second on this CPU "
+                        "with AVX512-BF16, so the default rows train in under an hour; a CPU without it may be "
+                        "faster in fp32); the re-ranker then also scores in bf16")
     p.add_argument("--itm-steps", type=int, default=800,
                    help="the rerank-itm row's steps on the pretraining scenes' lists (400 lost to the first stage alone, "
                         "800 on mined lists beat it on seed 0, not on seed 1; as a curriculum, on both: "
@@ -458,10 +475,12 @@ def main(argv=None) -> int:
     results: dict[str, list[Result]] = {}
     seconds: dict[str, list[float]] = {}
     reused: set[str] = set()
+    in_all: list[float] = []  # training seconds of all the rows together, per seed
     for seed in args.seeds:
         ctx = Context(args.out, data, pretrain_data, seen / "train", val / "train", seed, args.steps, args.pretrain_steps, args.nproc,
                       args.hard_negatives, args.rerank_steps, args.reuse, args.relations, args.itm_steps,
-                      args.itm_lr, args.itm_lists, args.itm_random_steps, not args.keep_same_text, starts.get(seed))
+                      args.itm_lr, args.itm_lists, args.itm_random_steps, not args.keep_same_text, starts.get(seed),
+                      args.rerank_precision)
         for row in ROWS:
             if row.key in args.rows:
                 r = row.run(ctx)
@@ -469,6 +488,7 @@ def main(argv=None) -> int:
                 seconds.setdefault(row.key, []).append(sum(ctx.train_seconds[s] for s in r.stages))
                 print(f"seed {seed}: {row.label}: AR {100 * r.recall['ar']:.1f}", flush=True)
         reused |= {f"{name}-seed{seed}" for name in ctx.reused}
+        in_all.append(sum(ctx.train_seconds.values()))  # each stage once, though several rows build on it
     wall = time.perf_counter() - t0
     text = table(results, seconds)
     chance = json.loads(next(iter((args.out / "runs").glob("*/recall-test.json"))).read_text())["chance"]["ar"]
@@ -489,6 +509,8 @@ def main(argv=None) -> int:
                      f"{{{', '.join(f'{w:g}' for w in WEIGHT_GRID)}}} on "
                      f"{args.val_images} more new scenes of the training pairs (seed 3), never on a test set; the seen "
                      f"pairs are re-ranked at the w the held-out run chose")
+    notes.append(f"- training in all (every stage once): {statistics.fmean(in_all) / 60:.1f} min"
+                 + (" a seed" if len(in_all) > 1 else ""))
     if reused:
         notes.append(f"- trained by an earlier invocation (--reuse; its seconds are in the table, not in the wall "
                      f"time): {', '.join(sorted(reused))}")
