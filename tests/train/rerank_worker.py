@@ -7,6 +7,9 @@
   resume OUT TEXT_ENCODER TRAIN_DIR MINED         the Trainer (what `ldot train` runs) with task=rerank, dropout
                                                  on: 6 steps straight vs 3 steps, a checkpoint and exit (as a
                                                  preemption does), then --resume auto for steps 4-6
+  precision OUT TEXT_ENCODER TRAIN_DIR MINED      the Trainer with task=rerank, dropout off, 4 steps at
+                                                 engine.precision fp32 and then bf16: each step's loss, the
+                                                 weights before training and the exports
 """
 import gc
 import sys
@@ -123,11 +126,43 @@ def resume(text_encoder, train_dir, mined, out_dir, dist):
     return result
 
 
+def precision(text_encoder, train_dir, mined, out_dir, dist):
+    from ldot.train.config import load_config
+    from ldot.train.trainer import Trainer
+
+    result = {}
+    for name in ("fp32", "bf16"):
+        cfg = load_config(ROOT / "train" / "configs" / "rerank-demo.yaml", [
+            f"output_dir={out_dir}/{name}", f"data.train={train_dir}", f"rerank.mined={mined}",
+            f"model.text_encoder={text_encoder}", "rerank.layers=1", "rerank.negatives=2", "data.batch_size=2",
+            "data.max_text_len=16", "optim.max_steps=4", "optim.lr=1e-3", "optim.warmup_ratio=0", "model.dropout=0.0",
+            "tracking.system_metrics_every_s=0", f"tracking.experiment=rerank-{name}", f"engine.precision={name}"])
+        t = Trainer(cfg)
+        # ZeRO-2 keeps the whole model on every rank (its optimizer state is what is partitioned)
+        init = {k: v.detach().float().clone() for k, v in t.engine.module.state_dict().items()}
+        losses, record = [], t.metrics.record
+
+        def recording(step, task, stats, *args, losses=losses, record=record):
+            losses.append(stats.loss.item())
+            return record(step, task, stats, *args)
+
+        t.metrics.record = recording
+        outcome, final = t.train()
+        assert outcome == "finished"
+        result[name] = {"losses": losses, "init": init, "final": str(final)}
+        del t
+        gc.collect()
+        torch.distributed.barrier()
+    return result
+
+
 def main():
     mode, out, text_encoder, train_dir, mined = sys.argv[1:6]
     dist = init_distributed()
     if mode == "equivalence":
         result = equivalence(text_encoder, train_dir, mined, dist)
+    elif mode == "precision":
+        result = precision(text_encoder, train_dir, mined, Path(out).parent / "runs", dist)
     else:
         result = resume(text_encoder, train_dir, mined, Path(out).parent / "runs", dist)
     if dist.is_main:

@@ -1,6 +1,7 @@
 """task=rerank under torchrun: 2 ranks train the cross-encoder exactly as 1 rank does on the global batch
 (per-step loss, every gradient before clipping, DeepSpeed's global grad norm, the weights), and a rerank
-run through the Trainer that stops after a checkpoint and resumes continues exactly as the straight run."""
+run through the Trainer that stops after a checkpoint and resumes continues exactly as the straight run; a bf16
+run tracks the fp32 one and its export scores in bf16 as its float32 copy does."""
 import importlib.util
 import os
 import re
@@ -94,3 +95,41 @@ def test_a_rerank_run_resumes_exactly(tmp_path, tiny_text_encoder, mined):
     assert res["best"]
     for name, w in res["w_straight"].items():
         torch.testing.assert_close(res["w_resumed"][name], w, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_a_bf16_rerank_run_tracks_the_fp32_run(tmp_path, tiny_text_encoder, mined):
+    """benchmarks/quality.py trains its re-rankers in bf16 (DeepSpeed's bf16: bf16 weights, float32 master
+    weights in the optimizer): the same run in fp32 is the reference for its losses and its updates, and its
+    bf16 export, scored as eval scores it, matches its own float32 copy."""
+    from ldot.data.loader import load_eval_split
+    from ldot.eval.image_store import ImageStore
+    from ldot.eval.rerank import CrossEncoderReranker
+    from ldot.model import load_cross_encoder
+
+    data, mined_dir = mined
+    torchrun(2, "precision", tmp_path / "precision.pt", tiny_text_encoder, data, mined_dir)
+    res = torch.load(tmp_path / "precision.pt")
+    fp32, bf16 = res["fp32"], res["bf16"]
+    assert len(fp32["losses"]) == len(bf16["losses"]) == 4
+    # bf16 keeps 8 bits of mantissa (relative rounding 2^-9); the losses of 4 steps stay within a few of those
+    assert bf16["losses"] == pytest.approx(fp32["losses"], rel=2e-2), (bf16["losses"], fp32["losses"])
+    _, m32, _ = load_cross_encoder(fp32["final"])
+    tok, m16, meta = load_cross_encoder(bf16["final"])
+    assert {p.dtype for p in m16.parameters()} == {torch.bfloat16}
+    # the updates: what 4 steps changed, against the fp32 run's change (a lost update is 0 here). On the biases:
+    # they start at 0, where bf16 resolves a step of 1e-3 finely; a weight near 1 (a LayerNorm's) keeps a bf16
+    # copy whose spacing (2^-7) is above 4 such steps, so its update shows in the float32 master weights only
+    w32, w16 = m32.state_dict(), m16.state_dict()
+    names = [n for n in w32 if n.endswith(".bias") and not ZERO_GRAD.search(n)]
+    d32 = torch.cat([(w32[n].float() - fp32["init"][n]).flatten() for n in names])
+    d16 = torch.cat([(w16[n].float() - bf16["init"][n]).flatten() for n in names])
+    assert d32.norm() > 0
+    assert torch.nn.functional.cosine_similarity(d16, d32, dim=0) > 0.95
+    assert 0.8 < (d16.norm() / d32.norm()).item() < 1.25
+    # eval scores a bf16 export in bf16: as its float32 copy does, within bf16's rounding
+    split = load_eval_split(data)
+    store = ImageStore(data, split.keys)
+    rows = np.arange(len(split.captions)) % split.num_images
+    scores16 = CrossEncoderReranker(m16, tok, store, max_text_len=16).score_pairs(split.captions, rows)
+    scores32 = CrossEncoderReranker(m16.float(), tok, store, max_text_len=16).score_pairs(split.captions, rows)
+    assert np.abs(scores16 - scores32).max() <= 3e-2 * max(1.0, np.abs(scores32).max())
