@@ -298,7 +298,11 @@ class OptimConfig:
 class EngineConfig:
     deepspeed_config: str = "deepspeed_configs/zero2.json"
     """ZeRO/offload/communication settings only; batch, lr and precision come from this config."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16", "amp_bf16"] = "fp32"
+    """bf16/fp16: DeepSpeed's, bf16/fp16 weights and activations (float32 master weights in the optimizer);
+    amp_bf16: float32 weights, the forward under torch.autocast (matmuls in bf16; norms, softmax and the loss in
+    float32), as open_clip's --precision amp_bf16, through DeepSpeed's torch_autocast section. A small model's
+    list-loss training stalls in bf16 where amp_bf16 follows fp32 (benchmarks/RESULTS.md, quality)."""
 
 
 @dataclass

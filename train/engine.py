@@ -19,7 +19,7 @@ from ldot.train.errors import ConfigError
 
 # Keys the typed config owns; a DeepSpeed JSON that sets them would silently disagree with the run's record.
 _OWNED_KEYS = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-               "optimizer", "scheduler", "gradient_clipping", "bf16", "fp16"}
+               "optimizer", "scheduler", "gradient_clipping", "bf16", "fp16", "torch_autocast"}
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -58,6 +58,8 @@ def deepspeed_config(optim: OptimConfig, engine: EngineConfig, micro_batch: int)
             "total_num_steps": optim.max_steps, "warmup_num_steps": max(warmup, 1),
             "warmup_min_lr": 0.0, "warmup_max_lr": optim.lr, "warmup_type": "linear"}},
         "bf16": {"enabled": engine.precision == "bf16"},
+        # DeepSpeed runs the engine's forward under torch.autocast itself (and reduces Linear gradients in bf16)
+        "torch_autocast": {"enabled": engine.precision == "amp_bf16", "dtype": "bfloat16"},
         "fp16": {"enabled": engine.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
@@ -75,7 +77,8 @@ def check_precision(precision: str) -> None:
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
-    supported = {"fp16": acc.is_fp16_supported, "bf16": acc.is_bf16_supported}.get(precision)
+    supported = {"fp16": acc.is_fp16_supported, "bf16": acc.is_bf16_supported,
+                 "amp_bf16": acc.is_bf16_supported}.get(precision)
     if supported is not None and not supported():
         hint = " (a CPU needs AVX512-FP16 or AMX-FP16)" if precision == "fp16" and acc.device_name() == "cpu" else ""
         raise ConfigError(f"engine.precision={precision}: DeepSpeed does not support {precision} on this machine's "

@@ -36,7 +36,8 @@ from ldot.train.validator import RerankValidator, Validator
 
 log = logging.getLogger("ldot.train")
 
-PRECISION = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# the dtype of a batch's float inputs (amp_bf16: float32, autocast casts inside the forward)
+PRECISION = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "amp_bf16": torch.float32}
 
 
 class Trainer:

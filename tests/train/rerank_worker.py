@@ -8,8 +8,8 @@
                                                  on: 6 steps straight vs 3 steps, a checkpoint and exit (as a
                                                  preemption does), then --resume auto for steps 4-6
   precision OUT TEXT_ENCODER TRAIN_DIR MINED      the Trainer with task=rerank, dropout off, 4 steps at
-                                                 engine.precision fp32 and then bf16: each step's loss, the
-                                                 weights before training and the exports
+                                                 engine.precision fp32, bf16 and amp_bf16: each step's loss,
+                                                 the weights before training and the exports
 """
 import gc
 import sys
@@ -131,7 +131,7 @@ def precision(text_encoder, train_dir, mined, out_dir, dist):
     from ldot.train.trainer import Trainer
 
     result = {}
-    for name in ("fp32", "bf16"):
+    for name in ("fp32", "bf16", "amp_bf16"):
         cfg = load_config(ROOT / "train" / "configs" / "rerank-demo.yaml", [
             f"output_dir={out_dir}/{name}", f"data.train={train_dir}", f"rerank.mined={mined}",
             f"model.text_encoder={text_encoder}", "rerank.layers=1", "rerank.negatives=2", "data.batch_size=2",

@@ -13,10 +13,23 @@ def test_config_filled_from_typed_sections():
                           EngineConfig(deepspeed_config="deepspeed_configs/zero3.json", precision="bf16"), 16)
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["train_micro_batch_size_per_gpu"] == 16 and ds["gradient_accumulation_steps"] == 3
-    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and not ds["torch_autocast"]["enabled"]
     sched = ds["scheduler"]["params"]
     assert sched["warmup_num_steps"] == 10 and sched["total_num_steps"] == 100 and sched["warmup_max_lr"] == 2e-5
     assert ds["optimizer"]["params"]["betas"] == [0.9, 0.98]
+
+
+def test_amp_bf16_is_deepspeeds_torch_autocast_over_float32_weights():
+    ds = deepspeed_config(OptimConfig(), EngineConfig(precision="amp_bf16"), 8)
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+
+
+def test_precision_in_deepspeed_json_is_refused(tmp_path):
+    p = tmp_path / "ds.json"
+    p.write_text(json.dumps({"zero_optimization": {"stage": 1}, "torch_autocast": {"enabled": True}}))
+    with pytest.raises(ConfigError, match="torch_autocast"):
+        deepspeed_config(OptimConfig(), EngineConfig(deepspeed_config=str(p)), 8)
 
 
 def test_batch_in_deepspeed_json_is_refused(tmp_path):

@@ -1,7 +1,7 @@
 """task=rerank under torchrun: 2 ranks train the cross-encoder exactly as 1 rank does on the global batch
 (per-step loss, every gradient before clipping, DeepSpeed's global grad norm, the weights), and a rerank
-run through the Trainer that stops after a checkpoint and resumes continues exactly as the straight run; a bf16
-run tracks the fp32 one and its export scores in bf16 as its float32 copy does."""
+run through the Trainer that stops after a checkpoint and resumes continues exactly as the straight run; bf16 and
+amp_bf16 runs track the fp32 one, and a bf16 export scores in bf16 as its float32 copy does."""
 import importlib.util
 import os
 import re
@@ -23,6 +23,7 @@ LOSS_TOL, NORM_TOL, GRAD_TOL, WEIGHT_TOL = 1e-5, 1e-5, 1e-4, 1e-6
 # and the ITM head's bias (it shifts every score of a list alike; the listwise softmax ignores that)
 ZERO_GRAD = re.compile(r"(\.attention\.self\.key\.bias|^itm\.bias)$")
 ZERO_GRAD_TOL = 1e-6  # of the global norm
+AMP_COS = 0.9  # Adam's first steps are about lr x sign(gradient): the few gradients near 0 may flip under bf16
 
 pytestmark = pytest.mark.torchrun
 
@@ -97,10 +98,11 @@ def test_a_rerank_run_resumes_exactly(tmp_path, tiny_text_encoder, mined):
         torch.testing.assert_close(res["w_resumed"][name], w, rtol=1e-6, atol=1e-6, msg=name)
 
 
-def test_a_bf16_rerank_run_tracks_the_fp32_run(tmp_path, tiny_text_encoder, mined):
-    """benchmarks/quality.py trains its re-rankers in bf16 (DeepSpeed's bf16: bf16 weights, float32 master
-    weights in the optimizer): the same run in fp32 is the reference for its losses and its updates, and its
-    bf16 export, scored as eval scores it, matches its own float32 copy."""
+def test_bf16_and_amp_bf16_rerank_runs_track_the_fp32_run(tmp_path, tiny_text_encoder, mined):
+    """The same run in fp32 is the reference for the losses and updates of a bf16 run (DeepSpeed's bf16: bf16
+    weights, float32 master weights in the optimizer) and of an amp_bf16 run (float32 weights, the forward
+    under autocast: benchmarks/quality.py trains its re-rankers so); a bf16 export, scored as eval scores it,
+    matches its own float32 copy."""
     from ldot.data.loader import load_eval_split
     from ldot.eval.image_store import ImageStore
     from ldot.eval.rerank import CrossEncoderReranker
@@ -109,8 +111,8 @@ def test_a_bf16_rerank_run_tracks_the_fp32_run(tmp_path, tiny_text_encoder, mine
     data, mined_dir = mined
     torchrun(2, "precision", tmp_path / "precision.pt", tiny_text_encoder, data, mined_dir)
     res = torch.load(tmp_path / "precision.pt")
-    fp32, bf16 = res["fp32"], res["bf16"]
-    assert len(fp32["losses"]) == len(bf16["losses"]) == 4
+    fp32, bf16, amp = res["fp32"], res["bf16"], res["amp_bf16"]
+    assert len(fp32["losses"]) == len(bf16["losses"]) == len(amp["losses"]) == 4
     # bf16 keeps 8 bits of mantissa (relative rounding 2^-9); the losses of 4 steps stay within a few of those
     assert bf16["losses"] == pytest.approx(fp32["losses"], rel=2e-2), (bf16["losses"], fp32["losses"])
     _, m32, _ = load_cross_encoder(fp32["final"])
@@ -126,6 +128,18 @@ def test_a_bf16_rerank_run_tracks_the_fp32_run(tmp_path, tiny_text_encoder, mine
     assert d32.norm() > 0
     assert torch.nn.functional.cosine_similarity(d16, d32, dim=0) > 0.95
     assert 0.8 < (d16.norm() / d32.norm()).item() < 1.25
+    # amp_bf16: float32 weights, every one updated as fp32 updates it, within bf16 matmuls' rounding; its losses
+    # differ from fp32's (the forward did run under autocast) by no more than that rounding
+    assert amp["losses"] == pytest.approx(fp32["losses"], rel=1e-2) and amp["losses"] != fp32["losses"]
+    _, ma, _ = load_cross_encoder(amp["final"])
+    assert {p.dtype for p in ma.parameters()} == {torch.float32}
+    wa = ma.state_dict()
+    names = [n for n in w32 if not ZERO_GRAD.search(n) and w32[n].dtype.is_floating_point]
+    d32 = torch.cat([(w32[n] - fp32["init"][n]).flatten() for n in names])
+    da = torch.cat([(wa[n] - amp["init"][n]).flatten() for n in names])
+    assert torch.nn.functional.cosine_similarity(da, d32, dim=0) > AMP_COS, \
+        torch.nn.functional.cosine_similarity(da, d32, dim=0)
+    assert 0.9 < (da.norm() / d32.norm()).item() < 1.1
     # eval scores a bf16 export in bf16: as its float32 copy does, within bf16's rounding
     split = load_eval_split(data)
     store = ImageStore(data, split.keys)
