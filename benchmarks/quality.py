@@ -338,7 +338,7 @@ ROWS = [
     Row("rerank-itm", "dual encoder + the re-ranker ITM-trained on the pretraining scenes first, top 20",
         reranked_after_itm),
 ]
-# The four rows (the re-ranker's as rerank-itm, the recipe under which it beats the first stage)
+# The four rows (the re-ranker's as rerank-itm, the recipe under which it helps: RESULTS.md, quality)
 DEFAULT_ROWS = [r.key for r in ROWS if r.key != "rerank"]
 
 
