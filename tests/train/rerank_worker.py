@@ -65,19 +65,26 @@ def equivalence(text_encoder, train_dir, mined, dist):
     return result
 
 
+def rerank_config(name, text_encoder, train_dir, mined, out_dir, *overrides):
+    """rerank-demo.yaml made small (1 layer, K = 2, 2 images a rank), run `name` under out_dir, plus overrides."""
+    from ldot.train.config import load_config
+
+    return load_config(ROOT / "train" / "configs" / "rerank-demo.yaml", [
+        f"output_dir={out_dir}/{name}", f"data.train={train_dir}", f"rerank.mined={mined}",
+        f"model.text_encoder={text_encoder}", "rerank.layers=1", "rerank.negatives=2", "data.batch_size=2",
+        "data.max_text_len=16", "tracking.system_metrics_every_s=0", f"tracking.experiment=rerank-{name}", *overrides])
+
+
 def resume(text_encoder, train_dir, mined, out_dir, dist):
     from ldot.model import load_cross_encoder
-    from ldot.train.config import load_config
     from ldot.train.trainer import Trainer
 
     def trainer(name, resume=None):
-        cfg = load_config(ROOT / "train" / "configs" / "rerank-demo.yaml", [
-            f"output_dir={out_dir}/{name}", f"data.train={train_dir}", f"rerank.mined={mined}",
-            f"model.text_encoder={text_encoder}", "rerank.layers=1", "rerank.negatives=2", "data.batch_size=2",
-            "data.max_text_len=16", "optim.max_steps=6", "checkpoint.every_steps=3", "model.dropout=0.1",
-            "tracking.system_metrics_every_s=0", f"tracking.experiment=rerank-{name}",
-            # validation on the training split's own lists (the lists are what is checked, not generalization)
-            f"data.val={train_dir}", f"rerank.val_mined={mined}", "eval.every_steps=2"])
+        cfg = rerank_config(name, text_encoder, train_dir, mined, out_dir,
+                            "optim.max_steps=6", "checkpoint.every_steps=3", "model.dropout=0.1",
+                            # validation on the training split's own lists (the lists are what is checked, not
+                            # generalization)
+                            f"data.val={train_dir}", f"rerank.val_mined={mined}", "eval.every_steps=2")
         t = Trainer(cfg, resume)
         losses = {}
         record = t.metrics.record
@@ -127,16 +134,12 @@ def resume(text_encoder, train_dir, mined, out_dir, dist):
 
 
 def precision(text_encoder, train_dir, mined, out_dir, dist):
-    from ldot.train.config import load_config
     from ldot.train.trainer import Trainer
 
     result = {}
     for name in ("fp32", "bf16", "amp_bf16"):
-        cfg = load_config(ROOT / "train" / "configs" / "rerank-demo.yaml", [
-            f"output_dir={out_dir}/{name}", f"data.train={train_dir}", f"rerank.mined={mined}",
-            f"model.text_encoder={text_encoder}", "rerank.layers=1", "rerank.negatives=2", "data.batch_size=2",
-            "data.max_text_len=16", "optim.max_steps=4", "optim.lr=1e-3", "optim.warmup_ratio=0", "model.dropout=0.0",
-            "tracking.system_metrics_every_s=0", f"tracking.experiment=rerank-{name}", f"engine.precision={name}"])
+        cfg = rerank_config(name, text_encoder, train_dir, mined, out_dir, "optim.max_steps=4", "optim.lr=1e-3",
+                            "optim.warmup_ratio=0", "model.dropout=0.0", f"engine.precision={name}")
         t = Trainer(cfg)
         # ZeRO-2 keeps the whole model on every rank (its optimizer state is what is partitioned)
         init = {k: v.detach().float().clone() for k, v in t.engine.module.state_dict().items()}

@@ -116,7 +116,7 @@ def test_bf16_and_amp_bf16_rerank_runs_track_the_fp32_run(tmp_path, tiny_text_en
     # bf16 keeps 8 bits of mantissa (relative rounding 2^-9); the losses of 4 steps stay within a few of those
     assert bf16["losses"] == pytest.approx(fp32["losses"], rel=2e-2), (bf16["losses"], fp32["losses"])
     _, m32, _ = load_cross_encoder(fp32["final"])
-    tok, m16, meta = load_cross_encoder(bf16["final"])
+    tok, m16, _ = load_cross_encoder(bf16["final"])
     assert {p.dtype for p in m16.parameters()} == {torch.bfloat16}
     # the updates: what 4 steps changed, against the fp32 run's change (a lost update is 0 here). On the biases:
     # they start at 0, where bf16 resolves a step of 1e-3 finely; a weight near 1 (a LayerNorm's) keeps a bf16
@@ -137,8 +137,8 @@ def test_bf16_and_amp_bf16_rerank_runs_track_the_fp32_run(tmp_path, tiny_text_en
     names = [n for n in w32 if not ZERO_GRAD.search(n) and w32[n].dtype.is_floating_point]
     d32 = torch.cat([(w32[n] - fp32["init"][n]).flatten() for n in names])
     da = torch.cat([(wa[n] - amp["init"][n]).flatten() for n in names])
-    assert torch.nn.functional.cosine_similarity(da, d32, dim=0) > AMP_COS, \
-        torch.nn.functional.cosine_similarity(da, d32, dim=0)
+    cos = torch.nn.functional.cosine_similarity(da, d32, dim=0)
+    assert cos > AMP_COS, cos
     assert 0.9 < (da.norm() / d32.norm()).item() < 1.1
     # eval scores a bf16 export in bf16: as its float32 copy does, within bf16's rounding
     split = load_eval_split(data)
